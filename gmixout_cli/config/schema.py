@@ -1,0 +1,114 @@
+"""The typed run configuration. Attribute docstrings double as the reference for recipe keys."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+
+@dataclass
+class ModelConfig:
+    """Which backbone, which weights, how the head starts."""
+
+    name: str = "vit_b16_clip"
+    """Registry name (`gmixout models`), `timm:<name>` or `open_clip:<arch>:<tag>`."""
+    weights: str = "pretrained"
+    """`pretrained`, `random` (only on explicit request), or a path to a local weight file."""
+    head_init: Literal["auto", "zeroshot", "linear_probe", "zero"] = "auto"
+    """`auto`: zero-shot text head for CLIP, linear probe for ImageNet backbones."""
+    targets: list[str] | None = None
+    """Glob patterns on parameter names that GMixout masks; null = the model family's default."""
+
+
+@dataclass
+class DataConfig:
+    """An ImageFolder domain (ROOT/DOMAIN/<class>/<image>) and its sibling domains."""
+
+    root: str = ""
+    """ROOT/DOMAIN of the training domain, or `builtin:digits/mnist` for the quickstart data."""
+    ood: list[str] | None = None
+    """Sibling domains for out-of-domain evaluation; null = every sibling of the training domain."""
+    image_size: int | None = None
+    """Input resolution in pixels; null = the model's native resolution."""
+    val_fraction: float = 0.1
+    """Held-out validation fraction per class, used when no split lists exist."""
+    split_seed: int = 0
+    """Seed of the held-out split (kept apart from train.seed so every run holds out the same images)."""
+    splits: str = "auto"
+    """`auto` (ROOT/splits/<domain>_train*.txt and _crossval*.txt when present), `none`, or a folder."""
+    hflip: bool = True
+    """Random horizontal flips in training (turn off for digits or text)."""
+    crop_scale: list[float] = field(default_factory=lambda: [0.6, 1.0])
+    """RandomResizedCrop area range in training."""
+    num_workers: int = 2
+    """Data-loading worker processes."""
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation budget and loop settings, shared by every method."""
+
+    epochs: int = 10
+    """Passes over the training split."""
+    max_steps: int | None = None
+    """Caps the optimizer steps (null: epochs decide)."""
+    batch_size: int = 32
+    """Images per optimizer step."""
+    lr: float = 1e-5
+    """Peak learning rate of the backbone parameters (GMixout: of the delta values)."""
+    head_lr: float | None = None
+    """Peak learning rate of the classification head; null = train.lr."""
+    weight_decay: float = 0.1
+    """AdamW decoupled weight decay (GMixout: pulls the delta towards the anchor)."""
+    warmup_steps: int = 0
+    """Linear warm-up steps before the schedule."""
+    schedule: Literal["cosine", "constant"] = "cosine"
+    """Learning-rate schedule over all steps."""
+    grad_clip: float | None = 1.0
+    """Global gradient-norm clip; null = none."""
+    seed: int = 0
+    """Seed of data order, augmentation, head initialisation and masks."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """`auto` = CUDA when available."""
+    precision: Literal["fp32", "bf16"] = "fp32"
+    """Autocast precision of forward and backward (weights and optimizer state stay fp32)."""
+    log_every: int = 10
+    """Steps between lines of metrics.jsonl."""
+    eval_batch_size: int = 128
+    """Images per evaluation batch."""
+
+
+@dataclass
+class MethodConfig:
+    """The fine-tuning method and its hyperparameters (see METHOD.md)."""
+
+    name: Literal["gmixout", "full"] = "gmixout"
+    """`gmixout` or `full` (full fine-tuning)."""
+    p: float = 0.9
+    """GMixout mask probability: each episode trains a fraction 1-p of every target tensor."""
+    k: int | None = None
+    """Episode length in optimizer steps (give k or episodes, not both)."""
+    episodes: int | None = None
+    """Number of episodes; with neither k nor episodes given, 30."""
+    lam: float = 0.5
+    """EMA coefficient of the anchor fold-in: A <- lam*A + (1-lam)*(A + s*M*delta)."""
+    export: Literal["anchor", "last"] = "anchor"
+    """What is exported: the final anchor, or the last episode's weights before the fold-in."""
+    fold_scale: bool = True
+    """Use s = 1/(1-p) in the anchor fold-in."""
+    reset_moments: bool = True
+    """Reset the AdamW moments of the delta at each episode."""
+    mask: Literal["bernoulli", "exact"] = "bernoulli"
+    """Bernoulli masks, or exactly round((1-p)*numel) kept entries per tensor."""
+    train_bias_norm: bool = False
+    """Also train biases and normalisation parameters densely (frozen by default)."""
+
+
+@dataclass
+class Config:
+    """A whole run: the YAML recipe plus `key=value` overrides, validated."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
