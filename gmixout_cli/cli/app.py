@@ -1,0 +1,38 @@
+"""The `gmixout` command: a Typer app, one file per subcommand.
+
+    gmixout finetune --recipe quickstart
+    gmixout evaluate --json
+"""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from gmixout_cli.cli import evaluate, finetune, merge, profile, recipes
+from gmixout_cli.cli.common import err_console
+from gmixout_cli.errors import UserError
+
+app = typer.Typer(
+    name="gmixout",
+    help="Fine-tune vision foundation models for in-domain accuracy without losing robustness (GMixout).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+for module in (finetune, evaluate, merge, profile, recipes):
+    module.register(app)
+
+
+def main() -> None:
+    """Console entry point: user errors become one line on stderr and exit code 2."""
+    try:
+        app()
+    except UserError as exc:
+        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(UserError.exit_code)
+    except KeyboardInterrupt:
+        err_console.print("[bold red]interrupted[/]")
+        sys.exit(130)

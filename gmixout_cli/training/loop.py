@@ -1,0 +1,155 @@
+"""The training loop: one loop for every method; methods differ only behind `Method`.
+
+    gmixout finetune --model vit_b16_clip --data ./domainnet/sketch
+    gmixout finetune --recipe quickstart
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from safetensors.torch import save_file
+
+from gmixout_cli.config import Config, config_to_dict
+from gmixout_cli.data import DomainData, build_transform, load_domain, load_eval_domain, make_loader, sibling_domains
+from gmixout_cli.errors import UserError
+from gmixout_cli.eval import autocast, evaluate_domains
+from gmixout_cli.methods import Method, make_method
+from gmixout_cli.models import BuiltModel, build_model, resolve_targets, save_classifier
+from gmixout_cli.training.linear_probe import extract_features, fit_linear_probe
+from gmixout_cli.training.schedule import make_scheduler
+from gmixout_cli.utils.io import append_jsonl, atomic_path, write_json
+from gmixout_cli.utils.memory import peak_memory_bytes, resolve_device
+
+
+@dataclass
+class Trainer:
+    """Everything one optimizer step needs; shared by `finetune` and `profile`."""
+
+    model: torch.nn.Module
+    method: Method
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    device: torch.device
+    precision: str
+    grad_clip: float | None
+    step: int = 0
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        """Forward, backward, the method's gradient hand-over, clip, AdamW, the method's step end."""
+        x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        with autocast(self.device, self.precision):
+            loss = F.cross_entropy(self.model(x), y)
+        loss.backward()
+        self.method.after_backward()
+        if self.grad_clip:
+            params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+            torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.step += 1
+        self.method.after_step(self.step, self.optimizer)
+        return loss.item()
+
+
+def make_trainer(cfg: Config, built: BuiltModel, device: torch.device, total_steps: int) -> Trainer:
+    """Wrap the model with its method, optimizer and schedule."""
+    targets = resolve_targets(built, cfg.model.targets)
+    method = make_method(cfg, built.model, targets, built.head_prefix, total_steps)
+    optimizer = torch.optim.AdamW(method.param_groups(), betas=(0.9, 0.999), eps=1e-8)
+    scheduler = make_scheduler(optimizer, total_steps, cfg.train.warmup_steps, cfg.train.schedule)
+    method.set_train_mode(built.model)
+    return Trainer(built.model, method, optimizer, scheduler, device, cfg.train.precision, cfg.train.grad_clip)
+
+
+def finetune(cfg: Config, run_dir: Path, console: Console) -> dict[str, Any]:
+    """Train, export the merged dense model, evaluate in- and out-of-domain; returns results.json's content."""
+    t = cfg.train
+    torch.manual_seed(t.seed)
+    device = resolve_device(t.device)
+    data = load_domain(cfg.data)
+    ood = sibling_domains(data, cfg.data.ood)
+    for name in ood:  # class sets are checked now, not after an hour of training
+        load_eval_domain(data, name)
+    built = build_model(cfg.model, data.classes, t.seed)
+    built.model.to(device)
+    image_size = cfg.data.image_size or built.image_size
+    eval_tf = build_transform(image_size, built.mean, built.std, train=False)
+    train_tf = build_transform(image_size, built.mean, built.std, True, cfg.data.hflip, cfg.data.crop_scale)
+    loader = make_loader(data.train, train_tf, t.batch_size, True, cfg.data.num_workers, t.seed,
+                         drop_last=len(data.train) > t.batch_size)
+    total_steps = min(t.epochs * len(loader), t.max_steps or math.inf)
+    console.print(f"[bold]data[/] {data.domain}: {len(data.train)} train / {len(data.val)} val images, "
+                  f"{len(data.classes)} classes ({data.split_source}); out-of-domain: {', '.join(ood) or 'none'}")
+
+    lp_acc = None
+    if built.head_init == "linear_probe":
+        feat_loader = make_loader(data.train, eval_tf, t.eval_batch_size, False, cfg.data.num_workers, 0)
+        built.model.eval()
+        feats, labels = extract_features(built.features, feat_loader, device)
+        lp_acc = fit_linear_probe(built.head, feats, labels)
+        console.print(f"[bold]head[/] linear probe on frozen features: train top-1 {lp_acc:.3f}")
+    head_state = {k: v.detach().cpu().contiguous() for k, v in built.head.state_dict().items()}
+    with atomic_path(run_dir / "init_head.safetensors") as tmp:
+        save_file(head_state, str(tmp), metadata={"head_prefix": built.head_prefix, "head_init": built.head_init})
+
+    trainer = make_trainer(cfg, built, device, total_steps)
+    summary = trainer.method.summary()
+    console.print(f"[bold]train[/] {cfg.method.name}: {total_steps} steps of {t.batch_size} images on {device}; "
+                  + ", ".join(f"{k}={v}" for k, v in summary.items()))
+    metrics_path = run_dir / "metrics.jsonl"
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    start = window_start = time.perf_counter()
+    window_loss, window_n, images = 0.0, 0, 0
+    epoch = 0
+    while trainer.step < total_steps:
+        epoch += 1
+        for x, y in loader:
+            loss = trainer.train_step(x, y)
+            if not math.isfinite(loss):
+                raise UserError(f"loss became {loss} at step {trainer.step}: lower train.lr or use train.precision=fp32")
+            window_loss, window_n, images = window_loss + loss, window_n + 1, images + y.numel()
+            if trainer.step % t.log_every == 0 or trainer.step == total_steps:
+                now = time.perf_counter()
+                record = {
+                    "step": trainer.step, "epoch": epoch, "loss": window_loss / window_n,
+                    "lr": trainer.optimizer.param_groups[0]["lr"],
+                    "images_per_s": window_n * t.batch_size / max(now - window_start, 1e-9),
+                    "memory_bytes": peak_memory_bytes(device), "elapsed_s": now - start,
+                }
+                append_jsonl(metrics_path, record)
+                console.print(f"step {trainer.step:>6}/{total_steps}  loss {record['loss']:.4f}  "
+                              f"lr {record['lr']:.2e}  {record['images_per_s']:.1f} img/s")
+                window_start, window_loss, window_n = now, 0.0, 0
+            if trainer.step >= total_steps:
+                break
+    train_time = time.perf_counter() - start
+    trainer.method.finish()
+    built.model.eval()
+
+    weights_path = run_dir / "model.safetensors"
+    save_classifier(weights_path, built, data.classes, image_size,
+                    extra={"config": json.dumps(config_to_dict(cfg)), "method": cfg.method.name})
+    console.print(f"[bold]saved[/] merged dense model to {weights_path}")
+    scores = evaluate_domains(built.model, data, ood, eval_tf, t.eval_batch_size, cfg.data.num_workers, device,
+                              t.precision, on_domain=lambda d, a: console.print(f"  top-1 {d}: {a:.4f}"))
+    results = {
+        "model": cfg.model.name, "method": cfg.method.name, **scores,
+        "steps": total_steps, "epochs_run": epoch, "train_time_s": train_time,
+        "images_per_s": images / max(train_time, 1e-9), "peak_memory_bytes": peak_memory_bytes(device),
+        "device": str(device), "image_size": image_size, "method_summary": summary,
+        "linear_probe_train_top1": lp_acc, "split": data.split_source, "weights": str(weights_path),
+    }
+    write_json(run_dir / "results.json", results)
+    return results
+

@@ -1,0 +1,66 @@
+"""Config parsing: recipes, overrides, types, ranges, every problem reported at once."""
+
+from __future__ import annotations
+
+import pytest
+
+from gmixout_cli.config import build_config, list_recipes, load_config, parse_overrides
+from gmixout_cli.errors import UserError
+
+
+def test_overrides_are_typed_and_nested() -> None:
+    raw = parse_overrides(["method.p=0.95", "train.epochs=3", "data.ood=[painting, clipart]", "train.max_steps=null"])
+    cfg = build_config(raw)
+    assert cfg.method.p == 0.95 and cfg.train.epochs == 3
+    assert cfg.data.ood == ["painting", "clipart"] and cfg.train.max_steps is None
+
+
+def test_comma_list_and_int_to_float() -> None:
+    cfg = build_config(parse_overrides(["data.ood=a,b", "train.weight_decay=1"]))
+    assert cfg.data.ood == ["a", "b"] and isinstance(cfg.train.weight_decay, float)
+
+
+def test_all_problems_reported_at_once() -> None:
+    with pytest.raises(UserError) as exc:
+        build_config(parse_overrides(["method.pp=1", "train.lr=abc", "method.p=2", "model.head_init=x",
+                                      "train.epochs=true"]))
+    msg = str(exc.value)
+    assert "5 problems" in msg
+    assert "unknown key 'method.pp' (did you mean 'method.p'?)" in msg
+    assert "'train.lr' must be a number" in msg
+    assert "'method.p' must be in [0, 1)" in msg
+    assert "'model.head_init' must be one of auto|zeroshot|linear_probe|zero" in msg
+    assert "'train.epochs' must be an integer" in msg
+    assert "\n" not in msg
+
+
+def test_unknown_section_and_k_with_episodes() -> None:
+    with pytest.raises(UserError, match="unknown key 'trian'.*did you mean 'train'"):
+        build_config({"trian": {"lr": 1e-3}})
+    with pytest.raises(UserError, match="'method.k' and 'method.episodes' are both set"):
+        build_config({"method": {"k": 5, "episodes": 3}})
+
+
+def test_bad_override_syntax() -> None:
+    with pytest.raises(UserError, match="not key=value"):
+        parse_overrides(["method.p"])
+
+
+@pytest.mark.parametrize("name", sorted(list_recipes()))
+def test_every_shipped_recipe_validates(name: str) -> None:
+    cfg = load_config(name, [])
+    assert cfg.method.name in ("gmixout", "full")
+
+
+def test_shortcuts_then_overrides_win() -> None:
+    cfg = load_config("gmixout", ["model.name=mobilenet_v2"], {"model.name": "efficientnet_lite0", "data.root": "x/y"})
+    assert cfg.model.name == "mobilenet_v2" and cfg.data.root == "x/y"
+
+
+def test_malformed_yaml_and_unknown_recipe(tmp_path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  name: [unclosed\n")
+    with pytest.raises(UserError, match="not valid YAML at line"):
+        load_config(str(bad), [])
+    with pytest.raises(UserError, match="unknown recipe 'nope'"):
+        load_config("nope", [])

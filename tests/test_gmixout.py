@@ -1,0 +1,119 @@
+"""GMixout's episodes, masks, fold-in and export, on a tiny model with the real method code."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gmixout_cli.config import build_config, merge_dicts, parse_overrides
+from gmixout_cli.methods import GMixout, make_method
+from gmixout_cli.methods.masks import sample_mask
+
+
+class Tiny(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(32, 64)
+        self.fc2 = nn.Linear(64, 64)
+        self.head = nn.Linear(64, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(F.gelu(self.fc2(F.gelu(self.fc1(x)))))
+
+
+def _run(overrides: list[str], steps: int, seed: int = 0) -> tuple[Tiny, dict, GMixout]:
+    torch.manual_seed(seed)
+    model = Tiny()
+    w0 = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    base = {"method": {"name": "gmixout"}, "train": {"lr": 1e-2, "weight_decay": 0.0}}
+    cfg = build_config(merge_dicts(base, parse_overrides(overrides)))
+    method = make_method(cfg, model, ["fc1.weight", "fc2.weight"], "head", steps)
+    opt = torch.optim.AdamW(method.param_groups())
+    x, y = torch.randn(256, 32), torch.randint(0, 4, (256,))
+    for step in range(1, steps + 1):
+        idx = torch.randint(0, 256, (32,))
+        F.cross_entropy(model(x[idx]), y[idx]).backward()
+        method.after_backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        method.after_step(step, opt)
+    method.finish()
+    return model, w0, method
+
+
+@pytest.mark.parametrize("p,episodes", [(0.8, 3), (0.9, 5)])
+def test_changed_fraction_matches_one_minus_p_to_the_I(p: float, episodes: int) -> None:
+    steps = episodes * 4
+    model, w0, method = _run([f"method.p={p}", f"method.episodes={episodes}"], steps)
+    assert method.summary()["episodes"] == episodes
+    expected = 1 - p**episodes
+    for name in ("fc1.weight", "fc2.weight"):
+        changed = (model.state_dict()[name] != w0[name]).float()
+        sigma = math.sqrt(expected * (1 - expected) / changed.numel())
+        assert abs(changed.mean().item() - expected) < 4 * sigma, (name, changed.mean().item(), expected)
+    # what is not a target stays exactly pretrained; the head trains densely
+    assert torch.equal(model.fc1.bias, w0["fc1.bias"])
+    assert not torch.equal(model.head.weight, w0["head.weight"])
+
+
+def test_one_episode_changes_exactly_the_mask() -> None:
+    model, w0, method = _run(["method.p=0.9", "method.episodes=1"], 5)
+    mask = sample_mask(w0["fc1.weight"].shape, 0.9, 0, 0, 0)
+    changed = model.fc1.weight != w0["fc1.weight"]
+    assert torch.equal(changed, mask)
+
+
+def test_matches_autograd_reference_with_the_same_masks() -> None:
+    """Dense W = A + s*M*delta kept in place == autograd through the parametrisation, over episodes."""
+    p, lam, k, steps, lr = 0.7, 0.5, 3, 9, 1e-2
+    model, w0, method = _run([f"method.p={p}", f"method.k={k}", f"method.lam={lam}"], steps)
+    torch.manual_seed(0)
+    ref = Tiny()
+    x, y = torch.randn(256, 32), torch.randint(0, 4, (256,))
+    s = 1 / (1 - p)
+    names = ["fc1.weight", "fc2.weight"]
+    anchors = {n: dict(ref.named_parameters())[n].detach().clone() for n in names}
+    for prm in ref.parameters():
+        prm.requires_grad_(False)
+    ref.head.weight.requires_grad_(True)
+    ref.head.bias.requires_grad_(True)
+    head_opt = torch.optim.AdamW([ref.head.weight, ref.head.bias], lr=lr, weight_decay=0.0)
+    for episode in range(steps // k):
+        masks = {n: sample_mask(anchors[n].shape, p, 0, episode, i).float() for i, n in enumerate(names)}
+        deltas = {n: torch.zeros_like(anchors[n], requires_grad=True) for n in names}
+        opt = torch.optim.AdamW(list(deltas.values()), lr=lr, weight_decay=0.0)
+        for _ in range(k):
+            idx = torch.randint(0, 256, (32,))
+            w1 = anchors["fc1.weight"] + s * masks["fc1.weight"] * deltas["fc1.weight"]
+            w2 = anchors["fc2.weight"] + s * masks["fc2.weight"] * deltas["fc2.weight"]
+            h = F.gelu(F.linear(F.gelu(F.linear(x[idx], w1, ref.fc1.bias)), w2, ref.fc2.bias))
+            F.cross_entropy(ref.head(h), y[idx]).backward()
+            opt.step()
+            head_opt.step()
+            opt.zero_grad()
+            head_opt.zero_grad()
+        for n in names:
+            anchors[n] = lam * anchors[n] + (1 - lam) * (anchors[n] + s * masks[n] * deltas[n].detach())
+    for n in names:
+        torch.testing.assert_close(model.state_dict()[n], anchors[n], rtol=0, atol=1e-6)
+    torch.testing.assert_close(model.head.weight, ref.head.weight.detach(), rtol=0, atol=1e-6)
+
+
+def test_export_last_skips_the_final_fold_in() -> None:
+    anchor_model, w0, _ = _run(["method.p=0.8", "method.k=2", "method.lam=0.5"], 4)
+    last_model, _, _ = _run(["method.p=0.8", "method.k=2", "method.lam=0.5", "method.export=last"], 4)
+    d_anchor = anchor_model.fc1.weight - w0["fc1.weight"]
+    d_last = last_model.fc1.weight - w0["fc1.weight"]
+    assert not torch.allclose(d_anchor, d_last)
+
+
+def test_masks_are_reproducible_and_exact_count() -> None:
+    a = sample_mask(torch.Size([100, 50]), 0.9, 7, 3, 2)
+    assert torch.equal(a, sample_mask(torch.Size([100, 50]), 0.9, 7, 3, 2))
+    assert not torch.equal(a, sample_mask(torch.Size([100, 50]), 0.9, 7, 4, 2))
+    exact = sample_mask(torch.Size([100, 50]), 0.9, 7, 3, 2, exact=True)
+    assert exact.sum().item() == 500
