@@ -1,0 +1,20 @@
+"""Image data: ImageFolder domains, their splits, transforms, loaders and the built-in digits."""
+
+from gmixout_cli.data.builtin import BUILTIN_ROOTS, materialise_digits, resolve_root
+from gmixout_cli.data.dataset import ImageListDataset, ImageReadError, make_loader, read_image
+from gmixout_cli.data.folders import (
+    IMAGE_EXTENSIONS,
+    DomainData,
+    Item,
+    load_domain,
+    load_eval_domain,
+    scan_domain,
+    sibling_domains,
+)
+from gmixout_cli.data.transforms import build_transform, to_rgb
+
+__all__ = [
+    "BUILTIN_ROOTS", "IMAGE_EXTENSIONS", "DomainData", "ImageListDataset", "ImageReadError", "Item",
+    "build_transform", "load_domain", "load_eval_domain", "make_loader", "materialise_digits", "read_image",
+    "resolve_root", "scan_domain", "sibling_domains", "to_rgb",
+]
