@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import sys
+import warnings
 
 import typer
 
@@ -26,8 +27,13 @@ for module in (finetune, evaluate, merge, profile, recipes):
     module.register(app)
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
+    err_console.print(f"[yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
+
+
 def main() -> None:
     """Console entry point: user errors become one line on stderr and exit code 2."""
+    warnings.showwarning = _show_warning  # data notes (e.g. a typo in a split list) as one readable line
     try:
         app()
     except UserError as exc:
