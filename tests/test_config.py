@@ -16,8 +16,9 @@ def test_overrides_are_typed_and_nested() -> None:
 
 
 def test_comma_list_and_int_to_float() -> None:
-    cfg = build_config(parse_overrides(["data.ood=a,b", "train.weight_decay=1"]))
+    cfg = build_config(parse_overrides(["data.ood=a,b", "train.weight_decay=1", "train.lr=1e-3"]))
     assert cfg.data.ood == ["a", "b"] and isinstance(cfg.train.weight_decay, float)
+    assert cfg.train.lr == 1e-3  # YAML 1.1 would leave `1e-3` a string
 
 
 def test_all_problems_reported_at_once() -> None:

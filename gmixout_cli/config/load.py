@@ -147,6 +147,11 @@ def _coerce(value: Any, tp: Any) -> tuple[bool, Any, str]:
         ok = isinstance(value, int) and not isinstance(value, bool)
         return ok, value, "an integer"
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads `1e-3` (no dot) as a string; users write it anyway
+            try:
+                value = float(value)
+            except ValueError:
+                return False, None, "a number"
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         return ok, float(value) if ok else None, "a number"
     if tp is str:

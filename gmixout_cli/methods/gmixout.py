@@ -135,7 +135,7 @@ class GMixout:
         return {
             "k": self.k,
             "episodes": math.ceil(self.total_steps / self.k),
-            "s": self.s,
+            "s": round(self.s, 4),
             "targets": len(self.targets),
             "target_entries": sum(t.weight.numel() for t in self.targets),
             "trainable_entries_per_episode": int(sum(t.mask.sum().item() for t in self.targets))

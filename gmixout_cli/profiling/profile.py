@@ -10,7 +10,7 @@ import torch
 from gmixout_cli.config import Config
 from gmixout_cli.data import load_domain
 from gmixout_cli.models import build_model
-from gmixout_cli.training import make_trainer
+from gmixout_cli.training import input_size, make_trainer
 from gmixout_cli.utils.memory import peak_rss_since_reset, reset_peak_rss, resolve_device
 
 
@@ -36,7 +36,7 @@ def profile(cfg: Config, steps: int, budget_gb: float) -> dict[str, Any]:
         cfg.model.head_init = "zero"  # head values do not change step cost; a linear probe would need data
     built = build_model(cfg.model, classes, cfg.train.seed)
     built.model.to(device)
-    size = cfg.data.image_size or built.image_size
+    size = input_size(cfg, built)
     bs = cfg.train.batch_size
     trainer = make_trainer(cfg, built, device, total_steps=steps + 1)
     x = torch.randn(bs, 3, size, size)

@@ -71,6 +71,15 @@ def make_trainer(cfg: Config, built: BuiltModel, device: torch.device, total_ste
     return Trainer(built.model, method, optimizer, scheduler, device, cfg.train.precision, cfg.train.grad_clip)
 
 
+def input_size(cfg: Config, built: BuiltModel) -> int:
+    """The training resolution: data.image_size, or the model's own; ViTs only run at their own."""
+    size = cfg.data.image_size or built.image_size
+    if built.family == "vit" and size != built.image_size:
+        raise UserError(f"{cfg.model.name} has position embeddings for {built.image_size} px only: "
+                        f"set data.image_size={built.image_size} or null")
+    return size
+
+
 def finetune(cfg: Config, run_dir: Path, console: Console) -> dict[str, Any]:
     """Train, export the merged dense model, evaluate in- and out-of-domain; returns results.json's content."""
     t = cfg.train
@@ -82,7 +91,7 @@ def finetune(cfg: Config, run_dir: Path, console: Console) -> dict[str, Any]:
         load_eval_domain(data, name)
     built = build_model(cfg.model, data.classes, t.seed)
     built.model.to(device)
-    image_size = cfg.data.image_size or built.image_size
+    image_size = input_size(cfg, built)
     eval_tf = build_transform(image_size, built.mean, built.std, train=False)
     train_tf = build_transform(image_size, built.mean, built.std, True, cfg.data.hflip, cfg.data.crop_scale)
     loader = make_loader(data.train, train_tf, t.batch_size, True, cfg.data.num_workers, t.seed,

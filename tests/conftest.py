@@ -1,0 +1,31 @@
+"""Shared fixtures: small learnable image domains written on the fly."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+COLORS = {"red": (200, 40, 40), "green": (40, 200, 40), "blue": (40, 40, 200)}
+
+
+def write_domains(root: Path, domains: tuple[str, ...] = ("src", "tgt"), per_class: int = 12, size: int = 32) -> Path:
+    """ROOT/<domain>/<class>/<i>.png: class = dominant colour plus noise, so a model can learn it."""
+    rng = np.random.default_rng(0)
+    for d_index, domain in enumerate(domains):
+        for name, color in COLORS.items():
+            for i in range(per_class):
+                base = np.array(color, dtype=np.float32) * (1.0 - 0.25 * d_index)  # darker sibling: a shift
+                img = np.clip(base + rng.normal(0, 30, (size, size, 3)), 0, 255).astype(np.uint8)
+                path = root / domain / name / f"{i:03d}.png"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(img).save(path)
+    return root
+
+
+@pytest.fixture
+def domains(tmp_path: Path) -> Path:
+    """A source domain `src` and a shifted sibling `tgt`, 3 colour classes, 12 images each."""
+    return write_domains(tmp_path / "data")

@@ -1,0 +1,130 @@
+"""The `gmixout` command end to end on CPU: finetune, evaluate --json, merge, profile, recipes, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from gmixout_cli.cli.app import app
+
+TINY = ["--model", "timm:test_efficientnet", "model.weights=random", "data.image_size=32", "train.epochs=2",
+        "train.batch_size=8", "data.num_workers=0", "train.log_every=2", "train.lr=1e-3", "train.precision=fp32",
+        "train.warmup_steps=0", "train.eval_batch_size=16"]
+runner = CliRunner()
+
+
+def gmixout(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Run the real console entry point in a subprocess (exit codes and stderr as a user sees them)."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", COLUMNS="200")
+    return subprocess.run([sys.executable, "-m", "gmixout_cli", *args], capture_output=True, text=True, cwd=cwd,
+                          env=env, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from conftest import write_domains
+
+    root = write_domains(tmp_path_factory.mktemp("data"))
+    out = tmp_path_factory.mktemp("runs") / "run"
+    result = runner.invoke(app, ["finetune", "--data", str(root / "src"), "--out", str(out), *TINY,
+                                 "method.p=0.8", "method.episodes=3"])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    return out
+
+
+def test_finetune_writes_the_run_folder(run_dir: Path) -> None:
+    names = {p.name for p in run_dir.iterdir()}
+    assert {"config.yaml", "metrics.jsonl", "model.safetensors", "results.json", "init_head.safetensors"} <= names
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert lines and {"step", "loss", "lr", "images_per_s", "memory_bytes"} <= set(lines[0])
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["method_summary"]["episodes"] == 3
+    assert set(results["ood"]) == {"tgt"} and 0.0 <= results["ood_avg"] <= 1.0
+    assert not [p for p in run_dir.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_evaluate_json_matches_the_trainer(run_dir: Path) -> None:
+    result = runner.invoke(app, ["evaluate", str(run_dir), "--json", "--workers", "0"])
+    assert result.exit_code == 0, result.output
+    scores = json.loads(result.stdout.strip().splitlines()[-1])
+    assert set(scores) >= {"model", "id", "ood", "ood_avg"}
+    assert scores["model"] == "timm:test_efficientnet"
+    trained = json.loads((run_dir / "results.json").read_text())
+    assert scores["id"] == trained["id"] and scores["ood"] == trained["ood"]  # the file is the model: zero overhead
+    assert all(0.0 <= v <= 1.0 for v in [*scores["id"].values(), *scores["ood"].values()])
+
+
+def test_merge_wise_ft_endpoints(run_dir: Path, tmp_path: Path) -> None:
+    tuned = load_file(str(run_dir / "model.safetensors"))
+    ends = {}
+    for alpha in ("0", "1", "0.5"):
+        out = tmp_path / f"a{alpha}.safetensors"
+        result = runner.invoke(app, ["merge", str(run_dir), "--alpha", alpha, "--out", str(out)])
+        assert result.exit_code == 0, result.output + repr(result.exception)
+        ends[alpha] = load_file(str(out))
+    head = load_file(str(run_dir / "init_head.safetensors"))
+    assert all((ends["1"][k] == tuned[k]).all() for k in tuned)
+    assert (ends["0"]["classifier.weight"] == head["weight"]).all()
+    key = "conv_stem.weight"
+    assert ((ends["0.5"][key] - (ends["0"][key] + tuned[key]) / 2).abs().max() < 1e-6)
+    result = runner.invoke(app, ["evaluate", str(tmp_path / "a0.5.safetensors"), "--json", "--workers", "0"])
+    assert result.exit_code == 0, result.output
+
+
+def test_profile_reports_memory_and_budget(domains: Path) -> None:
+    result = runner.invoke(app, ["profile", "--json", "--steps", "2", "--data", str(domains / "src"), *TINY])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["peak_memory_bytes"] > 0 and report["fits"] is True and report["images_per_s"] > 0
+    assert report["state_bytes"]["method_state"] > 0 and report["state_bytes"]["optimizer_moments"] > 0
+    tight = runner.invoke(app, ["profile", "--json", "--steps", "1", "--budget", "0.1", *TINY])
+    assert json.loads(tight.stdout.strip().splitlines()[-1])["fits"] is False
+
+
+def test_recipes_and_cp(tmp_path: Path) -> None:
+    listed = runner.invoke(app, ["recipes"])
+    assert listed.exit_code == 0 and "quickstart" in listed.output and "gmixout" in listed.output
+    copied = runner.invoke(app, ["cp", "quickstart", str(tmp_path)])
+    assert copied.exit_code == 0 and (tmp_path / "quickstart.yaml").is_file()
+    again = runner.invoke(app, ["cp", "quickstart", str(tmp_path)])
+    assert again.exit_code != 0
+
+
+def _one_line_error(proc: subprocess.CompletedProcess, *fragments: str) -> None:
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def test_error_paths_exit_2_with_one_line(domains: Path, tmp_path: Path, run_dir: Path) -> None:
+    _one_line_error(gmixout("finetune", "--data", str(tmp_path / "nowhere" / "x"), "--out", str(tmp_path / "r1")),
+                    "nowhere")
+    _one_line_error(gmixout("finetune", "--data", str(domains / "src"), "train.lrr=1"), "train.lrr", "train.lr")
+    _one_line_error(gmixout("finetune", "--data", str(domains / "src"), "--model", "resnet9000"),
+                    "unknown model 'resnet9000'")
+    _one_line_error(gmixout("finetune", "--data", str(domains / "src"), "--model", "timm:test_vit",
+                            "--out", str(tmp_path / "r2")), "model.weights=random")
+    assert not (tmp_path / "r2").exists()  # a run that never started leaves no folder behind
+    (domains / "src" / "red" / "000.png").write_bytes(b"not an image at all")
+    _one_line_error(gmixout("finetune", "--data", str(domains / "src"), *TINY, "--out", str(tmp_path / "r3")),
+                    "000.png")
+    other = tmp_path / "other.safetensors"
+    from safetensors.torch import save_file
+    import torch
+    save_file({"w": torch.zeros(2)}, str(other), metadata={"format": "gmixout/1", "library": "timm",
+                                                          "arch": "test_vit", "class_names": "[]"})
+    _one_line_error(gmixout("merge", str(run_dir), "--base", str(other), "--out", str(tmp_path / "m.safetensors")),
+                    "cannot merge")
+    _one_line_error(gmixout("evaluate", str(tmp_path / "missing-run")), "missing-run")
+    _one_line_error(gmixout("finetune", "--recipe", "nope"), "unknown recipe 'nope'")
+    _one_line_error(gmixout("finetune", "--data", str(domains / "src"), "--out", str(run_dir)), "already exists")
