@@ -9,12 +9,12 @@ from torch import nn
 
 
 class Method(Protocol):
-    """How parameters are wrapped, what happens after backward, at a step end and at export."""
+    """How parameters are wrapped, which optimizers step them, what happens at a step end and at export."""
 
     name: str
 
-    def param_groups(self) -> list[dict[str, Any]]:
-        """AdamW parameter groups (each with `lr` and `weight_decay`)."""
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        """The optimizers that step this method's trainable state (each gets the global lr schedule)."""
         ...
 
     def set_train_mode(self, model: nn.Module) -> None:
@@ -22,10 +22,10 @@ class Method(Protocol):
         ...
 
     def after_backward(self) -> None:
-        """Turn the dense gradients autograd produced into the gradients the optimizer sees."""
+        """Turn the gradients autograd produced into the gradients the optimizers see."""
         ...
 
-    def after_step(self, step: int, optimizer: torch.optim.Optimizer) -> None:
+    def after_step(self, step: int) -> None:
         """Called after optimizer step number `step` (1-based)."""
         ...
 
@@ -37,12 +37,9 @@ class Method(Protocol):
         """Numbers for the run log: trainable entries, episodes, ..."""
         ...
 
-    def state_bytes(self) -> int:
-        """Bytes the method holds beside the model's weights and the optimizer (anchor, masks, deltas)."""
+    def state_bytes(self) -> dict[str, int]:
+        """Bytes the method holds beside the model's weights, by kind (e.g. sparse values, indices)."""
         ...
-
-
-NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm, nn.SyncBatchNorm)
 
 
 def is_bias_or_norm(name: str, param: torch.Tensor) -> bool:
@@ -60,3 +57,8 @@ def freeze_norm_stats(model: nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
             module.eval()
+
+
+def adamw(groups: list[dict[str, Any]]) -> torch.optim.AdamW:
+    """AdamW over the non-empty groups (torch's default foreach implementation)."""
+    return torch.optim.AdamW([g for g in groups if g["params"]], betas=(0.9, 0.999), eps=1e-8)

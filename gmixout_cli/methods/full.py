@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from gmixout_cli.methods.base import head_param_names, is_bias_or_norm
+from gmixout_cli.methods.base import adamw, head_param_names, is_bias_or_norm
 
 
 class FullFinetune:
@@ -23,15 +23,15 @@ class FullFinetune:
             param.requires_grad_(True)
             key = "head" if name in head else "no_decay" if is_bias_or_norm(name, param) else "decay"
             groups[key].append(param)
-        self._groups = [
+        self._optimizer = adamw([
             {"params": groups["decay"], "lr": lr, "weight_decay": weight_decay, "name": "backbone"},
             {"params": groups["no_decay"], "lr": lr, "weight_decay": 0.0, "name": "bias_norm"},
             {"params": groups["head"], "lr": head_lr, "weight_decay": weight_decay, "name": "head"},
-        ]
+        ])
         self._trainable = sum(p.numel() for p in model.parameters())
 
-    def param_groups(self) -> list[dict[str, Any]]:
-        return [g for g in self._groups if g["params"]]
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        return [self._optimizer]
 
     def set_train_mode(self, model: nn.Module) -> None:
         model.train()
@@ -39,7 +39,7 @@ class FullFinetune:
     def after_backward(self) -> None:
         pass
 
-    def after_step(self, step: int, optimizer: torch.optim.Optimizer) -> None:
+    def after_step(self, step: int) -> None:
         pass
 
     def finish(self) -> None:
@@ -48,5 +48,5 @@ class FullFinetune:
     def summary(self) -> dict[str, Any]:
         return {"trainable_entries": self._trainable}
 
-    def state_bytes(self) -> int:
-        return 0
+    def state_bytes(self) -> dict[str, int]:
+        return {}

@@ -1,9 +1,12 @@
-"""GMixout with dense masks (METHOD.md): episodes of k steps, fresh mask per episode, EMA anchor.
+"""GMixout through the sparse engine (METHOD.md, "The sparse engine").
 
-The dense weight W of every target is kept equal to A + s*(M * delta), so forward and backward are
-the model's own. After backward the dense weight gradient becomes delta's gradient (s * M * dW); the
-optimizer steps delta; W is rewritten. At an episode end the anchor takes the EMA fold-in and delta
-and its moments restart.
+The dense fp32 weight W of every target stays in place equal to A + s*(M * delta); the anchor A is
+never stored (A = W - s*delta at the kept entries, W elsewhere). Per episode and target only sorted
+int32 indices, the fp32 delta values and their AdamW moments exist. Autograd produces one target's
+dense weight gradient at a time; a post-accumulate hook gathers it at the indices (times s) and frees
+it at once, also under gradient accumulation. The fused sparse AdamW kernel updates delta and writes
+the change into W; at an episode end the fold-in kernel moves W to the new anchor
+A + (1-lam)*s'*M*delta, and a fresh mask is drawn on the device.
 """
 
 from __future__ import annotations
@@ -16,8 +19,9 @@ import torch
 from torch import nn
 
 from gmixout_cli.config.schema import MethodConfig
-from gmixout_cli.methods.base import freeze_norm_stats, head_param_names, is_bias_or_norm
-from gmixout_cli.methods.masks import sample_mask
+from gmixout_cli.kernels import fold_in_, gather_add_, mask_seed, sample_indices
+from gmixout_cli.methods.base import adamw, freeze_norm_stats, head_param_names, is_bias_or_norm
+from gmixout_cli.methods.sparse_optim import SparseAdamW
 
 
 def episode_length(cfg: MethodConfig, total_steps: int) -> int:
@@ -33,127 +37,115 @@ class _Target:
     name: str
     index: int
     weight: nn.Parameter  # dense, always A + s*(M * delta)
-    anchor: torch.Tensor
-    mask: torch.Tensor  # float 0/1, same shape (the sparse engine stores indices instead)
-    delta: nn.Parameter
+    group: dict[str, Any]  # its SparseAdamW group: params=[delta values], indices, weight, scale
+    hook: Any = None
 
 
 class GMixout:
-    """Dense-mask GMixout; the head (and, on request, biases and norms) train densely."""
+    """Sparse GMixout; the head (and, on request, biases and norms) train densely with AdamW."""
 
     name = "gmixout"
 
-    def __init__(
-        self,
-        model: nn.Module,
-        targets: list[str],
-        head_prefix: str,
-        cfg: MethodConfig,
-        total_steps: int,
-        seed: int,
-        lr: float,
-        head_lr: float,
-        weight_decay: float,
-    ) -> None:
-        self.cfg = cfg
-        self.seed = seed
-        self.total_steps = total_steps
+    def __init__(self, model: nn.Module, targets: list[str], head_prefix: str, cfg: MethodConfig,
+                 total_steps: int, seed: int, lr: float, head_lr: float, weight_decay: float) -> None:
+        self.cfg, self.seed, self.total_steps = cfg, seed, total_steps
         self.k = episode_length(cfg, total_steps)
         self.s = 1.0 / (1.0 - cfg.p)
         self.episode = 0
         self.steps_in_episode = 0
-        head = set(head_param_names(model, head_prefix))
-        target_set = set(targets)
+        head, target_set = set(head_param_names(model, head_prefix)), set(targets)
         dense_head: list[nn.Parameter] = []
         dense_bias_norm: list[nn.Parameter] = []
-        self.targets: list[_Target] = []
+        target_params: list[tuple[str, nn.Parameter]] = []
         for name, param in model.named_parameters():
             if name in head:
-                param.requires_grad_(True)
                 dense_head.append(param)
             elif name in target_set:
-                param.requires_grad_(True)  # autograd produces the dense gradient, turned into delta's
-                self.targets.append(
-                    _Target(name, len(self.targets), param, param.detach().clone(), torch.empty(0),
-                            nn.Parameter(torch.zeros_like(param)))
-                )
+                target_params.append((name, param))
             elif cfg.train_bias_norm and is_bias_or_norm(name, param):
-                param.requires_grad_(True)
                 dense_bias_norm.append(param)
             else:
                 param.requires_grad_(False)
-        self._groups = [
-            {"params": [t.delta for t in self.targets], "lr": lr, "weight_decay": weight_decay, "name": "delta"},
+                continue
+            param.requires_grad_(True)  # targets too: autograd makes their dense gradient, one layer at a time
+        self.dense = adamw([
             {"params": dense_bias_norm, "lr": lr, "weight_decay": 0.0, "name": "bias_norm"},
             {"params": dense_head, "lr": head_lr, "weight_decay": weight_decay, "name": "head"},
-        ]
-        self._new_masks()
+        ]) if dense_head or dense_bias_norm else None
+        groups = []
+        for index, (name, param) in enumerate(target_params):
+            idx = self._sample(param, index)
+            vals = torch.zeros(idx.numel(), dtype=torch.float32, device=param.device)
+            groups.append({"params": [vals], "indices": idx, "weight": param.data, "scale": self.s, "name": name})
+        self.sparse = SparseAdamW(groups, lr=lr, weight_decay=weight_decay) if groups else None
+        self.targets = [_Target(name, i, param, self.sparse.param_groups[i])
+                        for i, (name, param) in enumerate(target_params)]
+        for t in self.targets:
+            t.hook = t.weight.register_post_accumulate_grad_hook(self._gather_hook(t))
+
+    def _gather_hook(self, t: _Target):  # noqa: ANN202
+        def hook(param: torch.Tensor) -> None:
+            (vals,) = t.group["params"]
+            if vals.grad is None:
+                vals.grad = torch.zeros_like(vals)
+            # d loss / d delta = s * dW at the kept entries; accumulates across micro-batches
+            gather_add_(param.grad.view(-1), t.group["indices"], vals.grad, self.s)
+            param.grad = None  # the dense gradient of this target is freed before the next layer's exists
+
+        return hook
+
+    def _sample(self, weight: torch.Tensor, index: int) -> torch.Tensor:
+        seed = mask_seed(self.seed, self.episode, index)
+        return sample_indices(weight.numel(), self.cfg.p, seed, weight.device, self.cfg.mask == "exact")
 
     # -- the Method interface -------------------------------------------------------------
-    def param_groups(self) -> list[dict[str, Any]]:
-        return [g for g in self._groups if g["params"]]
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        return [o for o in (self.sparse, self.dense) if o is not None]
 
     def set_train_mode(self, model: nn.Module) -> None:
         model.train()
         if not self.cfg.train_bias_norm:
             freeze_norm_stats(model)
 
-    @torch.no_grad()
     def after_backward(self) -> None:
-        for t in self.targets:
-            grad = t.weight.grad
-            if grad is None:
-                continue
-            t.delta.grad = grad.mul_(t.mask).mul_(self.s)  # chain rule through W = A + s*(M * delta)
-            t.weight.grad = None
+        pass  # the hooks already gathered every target's gradient
 
     @torch.no_grad()
-    def after_step(self, step: int, optimizer: torch.optim.Optimizer) -> None:
-        for t in self.targets:
-            torch.addcmul(t.anchor, t.mask, t.delta, value=self.s, out=t.weight.data)
+    def after_step(self, step: int) -> None:
         self.steps_in_episode += 1
         if self.steps_in_episode >= self.k and step < self.total_steps:
             self._fold_in()
             self.episode += 1
-            self._new_masks()
             for t in self.targets:
-                t.delta.zero_()
-                if self.cfg.reset_moments:
-                    optimizer.state.pop(t.delta, None)
-                t.weight.data.copy_(t.anchor)
+                self.sparse.replace_values(t.group, self._sample(t.weight, t.index), self.cfg.reset_moments)
 
     @torch.no_grad()
     def finish(self) -> None:
         if self.steps_in_episode and self.cfg.export == "anchor":
-            self._fold_in()
-        for t in self.targets:
-            if self.cfg.export == "anchor":
-                t.weight.data.copy_(t.anchor)
+            self._fold_in()  # W becomes the final anchor
+        for t in self.targets:  # export "last": W already is A + s*M*delta
+            t.hook.remove()
             t.weight.requires_grad_(False)
+            t.weight.grad = None
 
     def summary(self) -> dict[str, Any]:
+        dense = self.dense.param_groups if self.dense else []
         return {
-            "k": self.k,
-            "episodes": math.ceil(self.total_steps / self.k),
-            "s": round(self.s, 4),
-            "targets": len(self.targets),
-            "target_entries": sum(t.weight.numel() for t in self.targets),
-            "trainable_entries_per_episode": int(sum(t.mask.sum().item() for t in self.targets))
-            + sum(p.numel() for g in self._groups[1:] for p in g["params"]),
+            "k": self.k, "episodes": math.ceil(self.total_steps / self.k), "s": round(self.s, 4),
+            "targets": len(self.targets), "target_entries": sum(t.weight.numel() for t in self.targets),
+            "trainable_entries_per_episode": sum(t.group["indices"].numel() for t in self.targets)
+            + sum(p.numel() for g in dense for p in g["params"]),
         }
 
-    def state_bytes(self) -> int:
-        return sum(x.numel() * x.element_size() for t in self.targets for x in (t.anchor, t.mask, t.delta))
+    def state_bytes(self) -> dict[str, int]:
+        nnz = sum(t.group["indices"].numel() for t in self.targets)
+        return {"sparse_values": 4 * nnz, "sparse_indices": 4 * nnz}
 
     # -- episodes ---------------------------------------------------------------------------
     def _fold_in(self) -> None:
-        """A <- lam*A + (1-lam)*(A + s'*M*delta), s' = s when method.fold_scale (METHOD.md)."""
-        scale = (1.0 - self.cfg.lam) * (self.s if self.cfg.fold_scale else 1.0)
+        """A_new = A + (1-lam)*s'*M*delta; with W = A + s*M*delta that is W += ((1-lam)*s' - s)*M*delta."""
+        coef = (1.0 - self.cfg.lam) * (self.s if self.cfg.fold_scale else 1.0) - self.s
         for t in self.targets:
-            t.anchor.addcmul_(t.mask, t.delta, value=scale)
+            (vals,) = t.group["params"]
+            fold_in_(t.weight.data.view(-1), t.group["indices"], vals, coef)
         self.steps_in_episode = 0
-
-    def _new_masks(self) -> None:
-        for t in self.targets:
-            mask = sample_mask(t.weight.shape, self.cfg.p, self.seed, self.episode, t.index, self.cfg.mask == "exact")
-            t.mask = mask.to(device=t.weight.device, dtype=t.weight.dtype)

@@ -18,9 +18,9 @@ def _state_bytes(trainer: Any) -> dict[str, int]:
     """Bytes of the model state: weights (params + buffers), the method's own tensors, optimizer moments."""
     model = trainer.model
     weights = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
-    moments = sum(v.numel() * v.element_size() for s in trainer.optimizer.state.values()
+    moments = sum(v.numel() * v.element_size() for opt in trainer.optimizers for s in opt.state.values()
                   for v in s.values() if torch.is_tensor(v) and v.ndim > 0)
-    return {"weights": weights, "method_state": trainer.method.state_bytes(), "optimizer_moments": moments}
+    return {"weights": weights, **trainer.method.state_bytes(), "optimizer_moments": moments}
 
 
 def profile(cfg: Config, steps: int, budget_gb: float) -> dict[str, Any]:

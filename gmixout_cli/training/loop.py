@@ -36,39 +36,46 @@ class Trainer:
 
     model: torch.nn.Module
     method: Method
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
+    optimizers: list[torch.optim.Optimizer]
+    schedulers: list[torch.optim.lr_scheduler.LRScheduler]
     device: torch.device
     precision: str
     grad_clip: float | None
     step: int = 0
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> float:
-        """Forward, backward, the method's gradient hand-over, clip, AdamW, the method's step end."""
+        """Forward, backward, the method's gradient hand-over, clip, the optimizers, the method's step end."""
         x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
         with autocast(self.device, self.precision):
             loss = F.cross_entropy(self.model(x), y)
         loss.backward()
         self.method.after_backward()
         if self.grad_clip:
-            params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+            params = [p for opt in self.optimizers for g in opt.param_groups for p in g["params"] if p.grad is not None]
             torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
+        for opt in self.optimizers:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        for sched in self.schedulers:
+            sched.step()
         self.step += 1
-        self.method.after_step(self.step, self.optimizer)
+        self.method.after_step(self.step)
         return loss.item()
+
+    @property
+    def lr(self) -> float:
+        """The current learning rate of the first group (the backbone's or the delta's)."""
+        return self.optimizers[0].param_groups[0]["lr"]
 
 
 def make_trainer(cfg: Config, built: BuiltModel, device: torch.device, total_steps: int) -> Trainer:
-    """Wrap the model with its method, optimizer and schedule."""
+    """Wrap the model with its method, optimizers and schedule."""
     targets = resolve_targets(built, cfg.model.targets)
     method = make_method(cfg, built.model, targets, built.head_prefix, total_steps)
-    optimizer = torch.optim.AdamW(method.param_groups(), betas=(0.9, 0.999), eps=1e-8)
-    scheduler = make_scheduler(optimizer, total_steps, cfg.train.warmup_steps, cfg.train.schedule)
+    optimizers = method.optimizers()
+    schedulers = [make_scheduler(o, total_steps, cfg.train.warmup_steps, cfg.train.schedule) for o in optimizers]
     method.set_train_mode(built.model)
-    return Trainer(built.model, method, optimizer, scheduler, device, cfg.train.precision, cfg.train.grad_clip)
+    return Trainer(built.model, method, optimizers, schedulers, device, cfg.train.precision, cfg.train.grad_clip)
 
 
 def input_size(cfg: Config, built: BuiltModel) -> int:
@@ -132,7 +139,7 @@ def finetune(cfg: Config, run_dir: Path, console: Console) -> dict[str, Any]:
                 now = time.perf_counter()
                 record = {
                     "step": trainer.step, "epoch": epoch, "loss": window_loss / window_n,
-                    "lr": trainer.optimizer.param_groups[0]["lr"],
+                    "lr": trainer.lr,
                     "images_per_s": window_n * t.batch_size / max(now - window_start, 1e-9),
                     "memory_bytes": peak_memory_bytes(device), "elapsed_s": now - start,
                 }

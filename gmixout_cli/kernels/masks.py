@@ -1,0 +1,103 @@
+"""Mask sampling on the device: Philox counter-based random numbers, so a mask depends only on its seed.
+
+Entry j of a target tensor is kept when philox(seed, j) < (1-p) * 2^32 (Triton's `tl.randint`, 10
+rounds). The same seed gives the same mask on any GPU, rank or restart, and on the CPU reference.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from gmixout_cli.kernels._dispatch import grid, use_triton
+
+_M32 = 0xFFFFFFFF
+_KEY_A, _KEY_B = 0x9E3779B9, 0xBB67AE85
+_ROUND_A, _ROUND_B = 0xD2511F53, 0xCD9E8D57
+BLOCK = 1024
+
+
+def mask_seed(seed: int, episode: int, index: int) -> int:
+    """One 63-bit seed per (run seed, episode, target tensor)."""
+    return ((seed * 1_000_003 + episode) * 1_000_033 + index) % (2**63 - 1)
+
+
+def keep_threshold(p: float) -> int:
+    """Keep an entry when its uint32 random number is below this (keep probability 1-p)."""
+    return min(2**32, max(0, round((1.0 - p) * 2**32)))
+
+
+# -- PyTorch reference ----------------------------------------------------------------------------
+def _mulhilo(a: torch.Tensor, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """High and low 32 bits of a*b for uint32 values held in int64 (16-bit limbs: no int64 overflow)."""
+    a1, a0 = a >> 16, a & 0xFFFF
+    b1, b0 = b >> 16, b & 0xFFFF
+    p00 = a0 * b0
+    mid = (p00 >> 16) + a0 * b1 + a1 * b0
+    hi = (a1 * b1 + (mid >> 16)) & _M32
+    lo = ((mid & 0xFFFF) << 16) | (p00 & 0xFFFF)
+    return hi, lo
+
+
+def philox_reference(seed: int, offsets: torch.Tensor, rounds: int = 10) -> torch.Tensor:
+    """First uint32 output of Philox-4x32 for counters (offset, 0, 0, 0), as int64: equals `tl.randint`."""
+    c0, c1 = offsets.to(torch.int64), torch.zeros_like(offsets, dtype=torch.int64)
+    c2, c3 = torch.zeros_like(c1), torch.zeros_like(c1)
+    k0, k1 = seed & _M32, (seed >> 32) & _M32
+    for _ in range(rounds):
+        hi_b, lo_b = _mulhilo(c2, _ROUND_B)
+        hi_a, lo_a = _mulhilo(c0, _ROUND_A)
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0, k1 = (k0 + _KEY_A) & _M32, (k1 + _KEY_B) & _M32
+    return c0
+
+
+def keep_mask_reference(numel: int, p: float, seed: int, device: torch.device, chunk: int = 1 << 20) -> torch.Tensor:
+    """Bool keep mask of `numel` entries, computed in chunks to bound the int64 temporaries."""
+    threshold = keep_threshold(p)
+    out = torch.empty(numel, dtype=torch.bool, device=device)
+    for start in range(0, numel, chunk):
+        offs = torch.arange(start, min(numel, start + chunk), device=device)
+        out[start:start + chunk] = philox_reference(seed, offs) < threshold
+    return out
+
+
+# -- Triton kernel ------------------------------------------------------------------------------
+def _keep_mask_triton(numel: int, p: float, seed: int, device: torch.device) -> torch.Tensor:
+    out = torch.empty(numel, dtype=torch.int8, device=device)
+    _keep_kernel[grid(numel, BLOCK)](out, numel, seed, keep_threshold(p), BLOCK=BLOCK)
+    return out.bool()
+
+
+try:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _keep_kernel(out_ptr, numel, seed, threshold, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        r = tl.randint(seed, offs).to(tl.int64)  # uint32 -> int64 zero-extends
+        tl.store(out_ptr + offs, (r < threshold).to(tl.int8), mask=offs < numel)
+
+except ImportError:  # CPU-only installs without triton use the reference
+    pass
+
+
+def keep_mask(numel: int, p: float, seed: int, device: torch.device) -> torch.Tensor:
+    """Bool keep mask (Triton on CUDA, the reference elsewhere)."""
+    probe = torch.empty(0, device=device)
+    if use_triton(probe):
+        return _keep_mask_triton(numel, p, seed, device)
+    return keep_mask_reference(numel, p, seed, device)
+
+
+def sample_indices(numel: int, p: float, seed: int, device: torch.device, exact: bool = False) -> torch.Tensor:
+    """Sorted int32 flat indices of the kept entries (Bernoulli 1-p, or exactly round((1-p)*numel))."""
+    if exact:  # a seeded permutation on the CPU: the same on every device, fine once per episode
+        keep = round((1.0 - p) * numel)
+        gen = torch.Generator().manual_seed(seed)
+        idx = torch.randperm(numel, generator=gen)[:keep].sort().values
+        return idx.to(device=device, dtype=torch.int32)
+    if numel >= 2**31:
+        raise ValueError("target tensors of 2^31 or more entries are not supported")
+    return torch.nonzero(keep_mask(numel, p, seed, device)).flatten().to(torch.int32)
+
