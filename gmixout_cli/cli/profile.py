@@ -56,6 +56,9 @@ def profile(
     table.add_row("throughput", f"{report['images_per_s']:.1f} img/s")
     for key, value in report["state_bytes"].items():
         table.add_row(f"state: {key.replace('_', ' ')}", _gib(value))
+    table.add_row("model state, total", _gib(report["state_total_bytes"]))
+    table.add_row("model state of full fine-tuning", _gib(report["full_finetune_state_bytes"]))
+    table.add_row("peak memory during the timed steps", _gib(report["steady_peak_bytes"]))
     table.add_row(f"peak memory ({report['peak_kind'].replace('_', ' ')})", _gib(report["peak_memory_bytes"]))
     verdict = "[green]fits[/]" if report["fits"] else "[red]does not fit[/]"
     table.add_row("budget", f"{_gib(report['budget_bytes'])}: {verdict}")
