@@ -65,3 +65,10 @@ def test_malformed_yaml_and_unknown_recipe(tmp_path) -> None:
         load_config(str(bad), [])
     with pytest.raises(UserError, match="unknown recipe 'nope'"):
         load_config("nope", [])
+
+
+def test_k_on_the_command_line_replaces_the_recipes_episodes() -> None:
+    cfg = load_config("gmixout", ["method.k=10"])
+    assert cfg.method.k == 10 and cfg.method.episodes is None
+    cfg = load_config("gmixout", ["method.episodes=5"])
+    assert cfg.method.episodes == 5 and cfg.method.k is None

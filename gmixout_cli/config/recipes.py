@@ -47,5 +47,9 @@ def load_config(recipe: str | None, overrides: list[str], shortcuts: dict[str, A
         if value is not None:  # flags such as --data are taken verbatim, never YAML-parsed
             section, _, field = key.partition(".")
             raw = merge_dicts(raw, {section: {field: value}})
-    raw = merge_dicts(raw, parse_overrides(overrides))
-    return build_config(raw)
+    update = parse_overrides(overrides)
+    method = update.get("method")
+    if isinstance(method, dict) and isinstance(raw.get("method"), dict) and ("k" in method) != ("episodes" in method):
+        # k and episodes are two ways to say one thing: the one given on the command line replaces the recipe's
+        raw = merge_dicts(raw, {"method": {"episodes" if "k" in method else "k": None}})
+    return build_config(merge_dicts(raw, update))

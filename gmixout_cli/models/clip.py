@@ -24,6 +24,7 @@ from gmixout_cli.models.common import (
     short,
     zero_head,
 )
+from gmixout_cli.utils.memory import release_freed_memory
 
 VIT_TARGETS = [
     "visual.transformer.resblocks.*.attn.in_proj_weight",
@@ -135,6 +136,7 @@ def build_open_clip(arch: str, tag: str | None, cfg: ModelConfig, class_names: l
         _zero_shot_head(clip, arch, head, class_names)
     model = ClipClassifier(clip.visual, head).eval()
     del clip  # frees the text tower
+    release_freed_memory()
 
     if _is_mha_vit(model.visual):
         family, targets = "vit", list(VIT_TARGETS)

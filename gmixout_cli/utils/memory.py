@@ -56,3 +56,16 @@ def peak_rss_since_reset() -> int:
     except OSError:
         pass
     return peak_memory_bytes(torch.device("cpu"))
+
+
+def release_freed_memory() -> None:
+    """Collect garbage and hand freed heap pages back to the OS (glibc `malloc_trim`), e.g. after a CLIP text
+    tower is dropped: without it the freed tower stays in the process's resident set on CPU."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        pass
