@@ -83,7 +83,11 @@ def test_profile_reports_memory_and_budget(domains: Path) -> None:
     assert result.exit_code == 0, result.output + repr(result.exception)
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["peak_memory_bytes"] > 0 and report["fits"] is True and report["images_per_s"] > 0
-    assert report["state_bytes"]["method_state"] > 0 and report["state_bytes"]["optimizer_moments"] > 0
+    state = report["state_bytes"]
+    assert state["sparse_values"] > 0 and state["sparse_indices"] == state["sparse_values"]
+    # two fp32 moments for each sparse value and each dense head entry, nothing full-size for the targets
+    assert state["optimizer_moments"] == 8 * report["method_summary"]["trainable_entries_per_episode"]
+    assert report["state_total_bytes"] < report["full_finetune_state_bytes"]
     tight = runner.invoke(app, ["profile", "--json", "--steps", "1", "--budget", "0.1", *TINY])
     assert json.loads(tight.stdout.strip().splitlines()[-1])["fits"] is False
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,8 +11,9 @@ from torch.utils.checkpoint import checkpoint
 from gmixout_cli.methods.full import FullFinetune
 from gmixout_cli.methods.mixout import Mixout
 
+
 @pytest.fixture(autouse=True)
-def one_thread():
+def one_thread():  # noqa: ANN201 - a generator fixture
     """Tiny ops: a second intra-op thread only adds contention (100x slower on a busy 2-core box)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -147,7 +146,7 @@ def test_training_weights_are_unbiased_and_mixed() -> None:
                 first = w.clone() if first is None else first
                 total += w
         assert not torch.equal(first, w), "masks must change between forwards"
-        # Each entry is u or (θ - p*u)/(1-p) ... shifted; its spread is |θ-u| sqrt(p/(1-p)).
+        # W = u + M*(θ-u)/(1-p), so each entry's spread around θ is |θ-u| * sqrt(p/(1-p)).
         sd = (th - u).abs() * (0.6 / 0.4) ** 0.5
         err = (total / n - th).abs()
         assert (err <= 5 * sd / n**0.5 + 1e-5).all(), name

@@ -82,10 +82,10 @@ class TrainConfig:
 class MethodConfig:
     """The fine-tuning method and its hyperparameters (see METHOD.md)."""
 
-    name: Literal["gmixout", "full"] = "gmixout"
-    """`gmixout` or `full` (full fine-tuning)."""
+    name: Literal["gmixout", "full", "mixout"] = "gmixout"
+    """`gmixout`, `full` (full fine-tuning) or `mixout` (the original dense Mixout, a fresh mask every forward)."""
     p: float = 0.9
-    """GMixout mask probability: each episode trains a fraction 1-p of every target tensor."""
+    """Mask probability: GMixout trains a fraction 1-p of every target tensor per episode; Mixout's p."""
     k: int | None = None
     """Episode length in optimizer steps (give k or episodes, not both)."""
     episodes: int | None = None

@@ -51,7 +51,7 @@ def philox_reference(seed: int, offsets: torch.Tensor, rounds: int = 10) -> torc
     return c0
 
 
-def keep_mask_reference(numel: int, p: float, seed: int, device: torch.device, chunk: int = 1 << 20) -> torch.Tensor:
+def keep_mask_reference(numel: int, p: float, seed: int, device: torch.device, chunk: int = 1 << 18) -> torch.Tensor:
     """Bool keep mask of `numel` entries, computed in chunks to bound the int64 temporaries."""
     threshold = keep_threshold(p)
     out = torch.empty(numel, dtype=torch.bool, device=device)

@@ -8,6 +8,7 @@ from gmixout_cli.config.schema import Config
 from gmixout_cli.methods.base import Method
 from gmixout_cli.methods.full import FullFinetune
 from gmixout_cli.methods.gmixout import GMixout, episode_length
+from gmixout_cli.methods.mixout import Mixout
 
 
 def make_method(cfg: Config, model: nn.Module, targets: list[str], head_prefix: str, total_steps: int) -> Method:
@@ -16,7 +17,9 @@ def make_method(cfg: Config, model: nn.Module, targets: list[str], head_prefix: 
     head_lr = t.head_lr if t.head_lr is not None else t.lr
     if cfg.method.name == "full":
         return FullFinetune(model, head_prefix, t.lr, head_lr, t.weight_decay)
+    if cfg.method.name == "mixout":
+        return Mixout(model, targets, head_prefix, cfg.method.p, t.seed, t.lr, head_lr, t.weight_decay)
     return GMixout(model, targets, head_prefix, cfg.method, total_steps, t.seed, t.lr, head_lr, t.weight_decay)
 
 
-__all__ = ["FullFinetune", "GMixout", "Method", "episode_length", "make_method"]
+__all__ = ["FullFinetune", "GMixout", "Method", "Mixout", "episode_length", "make_method"]
