@@ -50,3 +50,37 @@ def test_exported_file_reproduces_the_trainers_logits(tmp_path, method: str) -> 
     if method == "gmixout":  # only the targets (qkv, proj, fc1, fc2 of each block) and the head moved
         assert changed and all(k.startswith("head") or k.split(".")[-2] in ("qkv", "proj", "fc1", "fc2")
                                for k in changed)
+
+
+def _train_state(overrides: dict, steps: int = 3) -> dict[str, torch.Tensor]:
+    base = {"model": {"name": "timm:test_vit", "weights": "random", "head_init": "zero"},
+            "train": {"lr": 1e-3, "seed": 1, "batch_size": 8}, "method": {"name": "gmixout", "p": 0.8, "k": 2}}
+    for key, value in overrides.items():
+        section, field = key.split(".")
+        base[section][field] = value
+    cfg = build_config(base)
+    built = build_model(cfg.model, ["a", "b"], cfg.train.seed)
+    trainer = make_trainer(cfg, built, torch.device("cpu"), total_steps=steps)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        size = built.image_size
+        trainer.train_step(torch.randn(8, 3, size, size, generator=gen), torch.randint(0, 2, (8,), generator=gen))
+    trainer.method.finish()
+    return {k: v.clone() for k, v in built.model.state_dict().items()}
+
+
+def test_micro_batches_and_checkpointing_give_the_same_training() -> None:
+    reference = _train_state({})
+    for variant in ({"train.micro_batch_size": 4}, {"train.grad_checkpointing": True}):
+        state = _train_state(variant)
+        for key, value in reference.items():
+            torch.testing.assert_close(state[key], value, rtol=1e-4, atol=1e-5, msg=f"{variant} {key}")
+
+
+def test_out_of_memory_becomes_advice() -> None:
+    from gmixout_cli.errors import UserError
+    from gmixout_cli.utils.memory import oom_advice
+
+    with pytest.raises(UserError, match=r"train.micro_batch_size=16 .*grad_checkpointing=true.*gmixout profile"):
+        with oom_advice(32, None):
+            raise torch.OutOfMemoryError("CUDA out of memory")

@@ -45,6 +45,7 @@ def finetune(
     from gmixout_cli.training import finetune as run_finetune
     from gmixout_cli.training import new_run_dir
     from gmixout_cli.utils.io import write_yaml
+    from gmixout_cli.utils.memory import oom_advice
 
     shortcuts = {"model.name": model, "data.root": data, "data.ood": split_csv(ood)}
     cfg = load_config(recipe, overrides or [], shortcuts)
@@ -56,7 +57,8 @@ def finetune(
     console.print(Syntax(resolved, "yaml", theme="ansi_dark", background_color="default"))
     write_yaml(run_dir / "config.yaml", config_to_dict(cfg))
     try:
-        results = run_finetune(cfg, run_dir, console)
+        with oom_advice(cfg.train.batch_size, cfg.train.micro_batch_size):
+            results = run_finetune(cfg, run_dir, console)
     except UserError:
         if [p.name for p in run_dir.iterdir()] == ["config.yaml"]:
             shutil.rmtree(run_dir)  # nothing but our own config was written: leave no empty run behind

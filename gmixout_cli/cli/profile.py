@@ -42,9 +42,11 @@ def profile(
     """
     from gmixout_cli.config import load_config
     from gmixout_cli.profiling import profile as run_profile
+    from gmixout_cli.utils.memory import oom_advice
 
     cfg = load_config(recipe, overrides or [], {"model.name": model, "data.root": data})
-    report = run_profile(cfg, steps, budget)
+    with oom_advice(cfg.train.batch_size, cfg.train.micro_batch_size):
+        report = run_profile(cfg, steps, budget)
     if as_json:
         print(json.dumps(report))
         return

@@ -54,6 +54,10 @@ class TrainConfig:
     """Caps the optimizer steps (null: epochs decide)."""
     batch_size: int = 32
     """Images per optimizer step."""
+    micro_batch_size: int | None = None
+    """Images per forward/backward pass; batch_size must be a multiple (gradient accumulation). null = batch_size."""
+    grad_checkpointing: bool = False
+    """Activation checkpointing: recompute block activations in backward to save memory (open_clip and timm)."""
     lr: float = 1e-5
     """Peak learning rate of the backbone parameters (GMixout: of the delta values)."""
     head_lr: float | None = None

@@ -41,14 +41,18 @@ class Trainer:
     device: torch.device
     precision: str
     grad_clip: float | None
+    micro_batch_size: int | None = None
     step: int = 0
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> float:
         """Forward, backward, the method's gradient hand-over, clip, the optimizers, the method's step end."""
         x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-        with autocast(self.device, self.precision):
-            loss = F.cross_entropy(self.model(x), y)
-        loss.backward()
+        total = 0.0
+        for xc, yc in zip(x.split(self.micro_batch_size or len(x)), y.split(self.micro_batch_size or len(y))):
+            with autocast(self.device, self.precision):
+                loss = F.cross_entropy(self.model(xc), yc) * (len(yc) / len(y))  # mean over the whole batch
+            loss.backward()  # gradients accumulate (GMixout's hooks gather each micro-batch's)
+            total += loss.item()
         self.method.after_backward()
         if self.grad_clip:
             params = [p for opt in self.optimizers for g in opt.param_groups for p in g["params"] if p.grad is not None]
@@ -60,7 +64,7 @@ class Trainer:
             sched.step()
         self.step += 1
         self.method.after_step(self.step)
-        return loss.item()
+        return total
 
     @property
     def lr(self) -> float:
@@ -70,12 +74,24 @@ class Trainer:
 
 def make_trainer(cfg: Config, built: BuiltModel, device: torch.device, total_steps: int) -> Trainer:
     """Wrap the model with its method, optimizers and schedule."""
+    if cfg.train.grad_checkpointing:
+        enable_grad_checkpointing(built, cfg.model.name)
     targets = resolve_targets(built, cfg.model.targets)
     method = make_method(cfg, built.model, targets, built.head_prefix, total_steps)
     optimizers = method.optimizers()
     schedulers = [make_scheduler(o, total_steps, cfg.train.warmup_steps, cfg.train.schedule) for o in optimizers]
     method.set_train_mode(built.model)
-    return Trainer(built.model, method, optimizers, schedulers, device, cfg.train.precision, cfg.train.grad_clip)
+    return Trainer(built.model, method, optimizers, schedulers, device, cfg.train.precision, cfg.train.grad_clip,
+                   cfg.train.micro_batch_size)
+
+
+def enable_grad_checkpointing(built: BuiltModel, name: str) -> None:
+    """Turn on the library's own activation checkpointing (open_clip's visual tower, timm models)."""
+    module = getattr(built.model, "visual", built.model)
+    if not hasattr(module, "set_grad_checkpointing"):
+        raise UserError(f"{name} has no activation checkpointing: set train.grad_checkpointing=false "
+                        "and lower train.micro_batch_size instead")
+    module.set_grad_checkpointing(True)
 
 
 def input_size(cfg: Config, built: BuiltModel) -> int:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import resource
 import sys
+from collections.abc import Iterator
 
 import torch
 
@@ -69,3 +71,17 @@ def release_freed_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc: nothing to trim
         pass
+
+
+@contextlib.contextmanager
+def oom_advice(batch_size: int, micro_batch_size: int | None) -> Iterator[None]:
+    """Turn CUDA out-of-memory into one line with the knobs that help, most effective first."""
+    try:
+        yield
+    except torch.OutOfMemoryError:
+        micro = max(1, (micro_batch_size or batch_size) // 2)
+        raise UserError(
+            f"out of GPU memory (batch {batch_size}, micro-batch {micro_batch_size or batch_size}): try, in order, "
+            f"train.micro_batch_size={micro} (same results, gradient accumulation), train.grad_checkpointing=true, "
+            "train.precision=bf16, a higher method.p; check a setting first with `gmixout profile`"
+        ) from None
