@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -10,25 +12,33 @@ from gmixout_cli.kernels import fold_in_, gather_add_, mask_seed, sample_indices
 
 
 @pytest.fixture
-def triton_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
+def triton_kernels(monkeypatch: pytest.MonkeyPatch) -> torch.device:
+    """Where the Triton kernels run: CPU tensors under TRITON_INTERPRET=1 (the default in tests, see conftest),
+    or a real GPU with `TRITON_INTERPRET=0 pytest tests/test_kernels.py`."""
     pytest.importorskip("triton")
     monkeypatch.setenv("GMIXOUT_KERNELS", "triton")
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        pytest.skip("TRITON_INTERPRET is off and no GPU is visible")
+    return torch.device("cuda")
 
 
-def _sparse_case(numel: int = 3000, p: float = 0.8, seed: int = 0) -> tuple[torch.Tensor, ...]:
+def _sparse_case(numel: int = 3000, p: float = 0.8, seed: int = 0,
+                 device: torch.device = torch.device("cpu")) -> tuple[torch.Tensor, ...]:
     gen = torch.Generator().manual_seed(seed)
     weight = torch.randn(numel, generator=gen)
     idx = sample_indices(numel, p, mask_seed(seed, 0, 0), torch.device("cpu"))
     nnz = idx.numel()
     vals, grad = torch.randn(nnz, generator=gen) * 0.01, torch.randn(nnz, generator=gen)
     m, v = torch.randn(nnz, generator=gen) * 0.1, torch.rand(nnz, generator=gen) * 0.01
-    return weight, idx, vals, grad, m, v
+    return tuple(t.to(device) for t in (weight, idx, vals, grad, m, v))
 
 
 @pytest.mark.parametrize("p,seed", [(0.9, 1), (0.5, 2**40 + 7), (0.0, 3), (0.99, 4)])
-def test_mask_kernel_equals_philox_reference(triton_kernels: None, p: float, seed: int) -> None:
+def test_mask_kernel_equals_philox_reference(triton_kernels: torch.device, p: float, seed: int) -> None:
     numel = 4099  # not a multiple of the block
-    kernel = masks._keep_mask_triton(numel, p, seed, torch.device("cpu"))
+    kernel = masks._keep_mask_triton(numel, p, seed, triton_kernels).cpu()
     reference = masks.keep_mask_reference(numel, p, seed, torch.device("cpu"))
     assert torch.equal(kernel, reference)
     assert abs(reference.float().mean().item() - (1 - p)) < 4 * ((p * (1 - p) / numel) ** 0.5) + 1e-9
@@ -44,8 +54,8 @@ def test_sample_indices_sorted_reproducible_and_distinct_per_episode() -> None:
 
 
 @pytest.mark.parametrize("step,wd", [(1, 0.0), (7, 0.1)])
-def test_sparse_adamw_kernel_equals_reference(triton_kernels: None, step: int, wd: float) -> None:
-    case_k = _sparse_case()
+def test_sparse_adamw_kernel_equals_reference(triton_kernels: torch.device, step: int, wd: float) -> None:
+    case_k = _sparse_case(device=triton_kernels)
     case_r = [t.clone() for t in case_k]
     kw = dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=wd, step=step, scale=5.0)
     sparse_adamw_(*case_k, **kw)
@@ -74,9 +84,9 @@ def test_sparse_adamw_reference_equals_torch_adamw() -> None:
     torch.testing.assert_close(weight, expected, rtol=1e-5, atol=1e-6)
 
 
-def test_gather_and_fold_in_kernels_equal_references(triton_kernels: None) -> None:
-    weight, idx, vals, _, _, _ = _sparse_case(numel=5000)
-    dense_grad = torch.randn(5000)
+def test_gather_and_fold_in_kernels_equal_references(triton_kernels: torch.device) -> None:
+    weight, idx, vals, _, _, _ = _sparse_case(numel=5000, device=triton_kernels)
+    dense_grad = torch.randn(5000).to(triton_kernels)
     out_k, out_r = vals.clone(), vals.clone()
     gather_add_(dense_grad, idx, out_k, 10.0)
     sparse_ops.gather_add_reference(dense_grad, idx, out_r, 10.0)
@@ -85,6 +95,6 @@ def test_gather_and_fold_in_kernels_equal_references(triton_kernels: None) -> No
     fold_in_(w_k, idx, vals, -4.5)
     sparse_ops.fold_in_reference(w_r, idx, vals, -4.5)
     torch.testing.assert_close(w_k, w_r, rtol=1e-6, atol=1e-6)
-    untouched = torch.ones(5000, dtype=torch.bool)
+    untouched = torch.ones(5000, dtype=torch.bool, device=triton_kernels)
     untouched[idx.long()] = False
     assert torch.equal(w_k[untouched], weight[untouched])
