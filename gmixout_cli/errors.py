@@ -13,3 +13,9 @@ class UserError(Exception):
 
     def __init__(self, message: str) -> None:
         super().__init__(" ".join(message.split()))
+
+
+class Interrupted(UserError):
+    """Training stopped on a signal after writing a checkpoint."""
+
+    exit_code = 130

@@ -27,6 +27,8 @@ def finetune(
                             show_default=False),
     out: str = typer.Option(None, "--out", "-o", help="Run folder to create (default: a new folder under runs/).",
                             show_default=False),
+    resume: str = typer.Option(None, "--resume", help="Continue a stopped run from its checkpoint: a run folder, "
+                               "or [cyan]auto[/] for the latest unfinished run under runs/.", show_default=False),
 ) -> None:
     """Fine-tune a model on one domain, then evaluate it on its sibling domains.
 
@@ -39,28 +41,33 @@ def finetune(
 
       gmixout finetune --model vit_b16_clip --data ./domainnet/sketch --ood painting,clipart
 
-      gmixout finetune -r full_vit_b16_clip -d ./pacs/photo train.epochs=3 train.lr=1e-5
+      gmixout finetune -r full -d ./pacs/photo train.epochs=3 train.lr=1e-5 train.checkpoint_every=500
+
+      gmixout finetune --resume auto
     """
     from gmixout_cli.config import config_to_dict, load_config
     from gmixout_cli.training import finetune as run_finetune
-    from gmixout_cli.training import new_run_dir
+    from gmixout_cli.training import new_run_dir, resume_run
     from gmixout_cli.utils.io import write_yaml
     from gmixout_cli.utils.memory import oom_advice
 
     shortcuts = {"model.name": model, "data.root": data, "data.ood": split_csv(ood)}
-    cfg = load_config(recipe, overrides or [], shortcuts)
-    if not cfg.data.root:
-        raise UserError("no training data: pass --data ROOT/DOMAIN (or data.root=...), or use --recipe quickstart")
-    run_dir = new_run_dir(out, cfg)
+    if resume:
+        run_dir, cfg = resume_run(resume, recipe, overrides or [], shortcuts)
+    else:
+        cfg = load_config(recipe, overrides or [], shortcuts)
+        if not cfg.data.root:
+            raise UserError("no training data: pass --data ROOT/DOMAIN (or data.root=...), or use --recipe quickstart")
+        run_dir = new_run_dir(out, cfg)
+        write_yaml(run_dir / "config.yaml", config_to_dict(cfg))
     resolved = yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
     console.print(f"[bold]run folder[/] {run_dir}")
     console.print(Syntax(resolved, "yaml", theme="ansi_dark", background_color="default"))
-    write_yaml(run_dir / "config.yaml", config_to_dict(cfg))
     try:
         with oom_advice(cfg.train.batch_size, cfg.train.micro_batch_size):
-            results = run_finetune(cfg, run_dir, console)
+            results = run_finetune(cfg, run_dir, console, resume=bool(resume))
     except UserError:
-        if [p.name for p in run_dir.iterdir()] == ["config.yaml"]:
+        if not resume and [p.name for p in run_dir.iterdir()] == ["config.yaml"]:
             shutil.rmtree(run_dir)  # nothing but our own config was written: leave no empty run behind
         raise
     console.print(scores_table(f"{cfg.model.name} / {cfg.method.name}", results))

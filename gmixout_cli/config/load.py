@@ -180,6 +180,8 @@ def _check_values(cfg: Config) -> list[str]:
             p.append(f"'{name}' must be >= 1, got {value}")
     if t.micro_batch_size is not None and (t.micro_batch_size < 1 or t.batch_size % t.micro_batch_size):
         p.append(f"'train.micro_batch_size' must divide train.batch_size={t.batch_size}, got {t.micro_batch_size}")
+    if t.checkpoint_every is not None and t.checkpoint_every < 1:
+        p.append(f"'train.checkpoint_every' must be >= 1 or null, got {t.checkpoint_every}")
     if t.max_steps is not None and t.max_steps < 1:
         p.append(f"'train.max_steps' must be >= 1 or null, got {t.max_steps}")
     for name, value in (("train.lr", t.lr), ("train.head_lr", t.head_lr)):

@@ -78,6 +78,10 @@ class TrainConfig:
     """Autocast precision of forward and backward (weights and optimizer state stay fp32)."""
     log_every: int = 10
     """Steps between lines of metrics.jsonl."""
+    checkpoint_every: int | None = None
+    """Steps between checkpoints (null: only on SIGINT/SIGTERM); resume with `gmixout finetune --resume`."""
+    deterministic: bool = False
+    """Deterministic algorithms only, so a resumed run is bit-identical to an uninterrupted one."""
     eval_batch_size: int = 128
     """Images per evaluation batch."""
 

@@ -1,6 +1,7 @@
 """Image data: ImageFolder domains, their splits, transforms, loaders and the built-in digits."""
 
 from gmixout_cli.data.builtin import BUILTIN_ROOTS, materialise_digits, resolve_root
+from gmixout_cli.data.epochs import EpochBatches, make_train_loader
 from gmixout_cli.data.dataset import ImageListDataset, ImageReadError, make_loader, read_image
 from gmixout_cli.data.folders import (
     IMAGE_EXTENSIONS,
@@ -14,7 +15,7 @@ from gmixout_cli.data.folders import (
 from gmixout_cli.data.transforms import build_transform, to_rgb
 
 __all__ = [
-    "BUILTIN_ROOTS", "IMAGE_EXTENSIONS", "DomainData", "ImageListDataset", "ImageReadError", "Item",
-    "build_transform", "load_domain", "load_eval_domain", "make_loader", "materialise_digits", "read_image",
+    "BUILTIN_ROOTS", "IMAGE_EXTENSIONS", "DomainData", "EpochBatches", "ImageListDataset", "ImageReadError", "Item",
+    "build_transform", "load_domain", "load_eval_domain", "make_loader", "make_train_loader", "materialise_digits", "read_image",
     "resolve_root", "scan_domain", "sibling_domains", "to_rgb",
 ]

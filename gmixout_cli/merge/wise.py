@@ -7,10 +7,10 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from gmixout_cli.errors import UserError
-from gmixout_cli.utils.io import atomic_path
+from gmixout_cli.utils.io import save_safetensors
 
 State = dict[str, torch.Tensor]
 
@@ -56,6 +56,4 @@ def interpolate(base: State, tuned: State, alpha: float) -> State:
 
 def save_merged(path: Path, state: State, meta: dict[str, str], merge_info: dict) -> None:
     """Write a merged model atomically, keeping the metadata needed to rebuild it."""
-    meta = dict(meta, merge=json.dumps(merge_info))
-    with atomic_path(path) as tmp:
-        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata=meta)
+    save_safetensors(path, {k: v.contiguous() for k, v in state.items()}, dict(meta, merge=json.dumps(merge_info)))

@@ -41,6 +41,14 @@ class Method(Protocol):
         """Bytes the method holds beside the model's weights, by kind (e.g. sparse values, indices)."""
         ...
 
+    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """What a checkpoint needs beyond the model's weights and the optimizers: (tensors, JSON-able values)."""
+        ...
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor], values: dict[str, Any]) -> None:
+        """Restore `state_dict()`'s output into a freshly built method (before its optimizers are restored)."""
+        ...
+
 
 def is_bias_or_norm(name: str, param: torch.Tensor) -> bool:
     """Biases, norm scales/shifts and other 1-D parameters (never weight-decayed, frozen by GMixout)."""

@@ -50,3 +50,9 @@ class FullFinetune:
 
     def state_bytes(self) -> dict[str, int]:
         return {}
+
+    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        return {}, {}
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor], values: dict[str, Any]) -> None:
+        pass

@@ -141,6 +141,20 @@ class GMixout:
         nnz = sum(t.group["indices"].numel() for t in self.targets)
         return {"sparse_values": 4 * nnz, "sparse_indices": 4 * nnz}
 
+    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        tensors = {}
+        for t in self.targets:
+            tensors[f"{t.name}.indices"] = t.group["indices"]
+            tensors[f"{t.name}.values"] = t.group["params"][0]
+        return tensors, {"episode": self.episode, "steps_in_episode": self.steps_in_episode}
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor], values: dict[str, Any]) -> None:
+        self.episode, self.steps_in_episode = values["episode"], values["steps_in_episode"]
+        for t in self.targets:
+            self.sparse.state.pop(t.group["params"][0], None)
+            t.group["indices"] = tensors[f"{t.name}.indices"].to(t.weight.device)
+            t.group["params"] = [tensors[f"{t.name}.values"].to(t.weight.device)]
+
     # -- episodes ---------------------------------------------------------------------------
     def _fold_in(self) -> None:
         """A_new = A + (1-lam)*s'*M*delta; with W = A + s*M*delta that is W += ((1-lam)*s' - s)*M*delta."""

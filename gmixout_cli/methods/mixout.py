@@ -199,5 +199,11 @@ class Mixout:
             "trainable_entries": self._trainable,
         }
 
+    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        return {}, {"draw": self.shared.draw}  # masks are reseeded from the draw count
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor], values: dict[str, Any]) -> None:
+        self.shared.draw = values["draw"]
+
     def state_bytes(self) -> dict[str, int]:
         return {"pretrained_copy": self._u_bytes}

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 from torch import Tensor, nn
 
 from gmixout_cli.errors import UserError
 from gmixout_cli.models.common import BuiltModel, short
+from gmixout_cli.utils.io import save_safetensors
 
 FORMAT = "gmixout/1"
 REQUIRED = (
@@ -91,18 +90,7 @@ def save_classifier(
         raise ValueError(f"{len(class_names)} class names for a head with {built.head.out_features} outputs")
     meta.update(core)
 
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(state, tmp, metadata=meta)
-        os.replace(tmp, path)  # readers never see a half-written model
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    save_safetensors(Path(path), state, meta)  # atomic: readers never see a half-written model
 
 
 def read_metadata(path: Path) -> dict[str, str]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,17 +17,20 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from rich.console import Console
-from safetensors.torch import save_file
 
 from gmixout_cli.config import Config, config_to_dict
-from gmixout_cli.data import DomainData, build_transform, load_domain, load_eval_domain, make_loader, sibling_domains
-from gmixout_cli.errors import UserError
+from gmixout_cli.data import (
+    build_transform, load_domain, load_eval_domain, make_loader, make_train_loader, sibling_domains,
+)
+from gmixout_cli.errors import Interrupted, UserError
 from gmixout_cli.eval import autocast, evaluate_domains
 from gmixout_cli.methods import Method, make_method
 from gmixout_cli.models import BuiltModel, build_model, resolve_targets, save_classifier
+from gmixout_cli.training.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
 from gmixout_cli.training.linear_probe import extract_features, fit_linear_probe
 from gmixout_cli.training.schedule import make_scheduler
-from gmixout_cli.utils.io import append_jsonl, atomic_path, write_json
+from gmixout_cli.training.signals import stop_on_signals
+from gmixout_cli.utils.io import append_jsonl, save_safetensors, write_json
 from gmixout_cli.utils.memory import peak_memory_bytes, resolve_device
 
 
@@ -103,10 +107,15 @@ def input_size(cfg: Config, built: BuiltModel) -> int:
     return size
 
 
-def finetune(cfg: Config, run_dir: Path, console: Console) -> dict[str, Any]:
-    """Train, export the merged dense model, evaluate in- and out-of-domain; returns results.json's content."""
+def finetune(cfg: Config, run_dir: Path, console: Console, resume: bool = False) -> dict[str, Any]:
+    """Train (or continue from run_dir's checkpoint), export the merged dense model, evaluate in and out of
+    domain; returns results.json's content."""
     t = cfg.train
     torch.manual_seed(t.seed)
+    if t.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
     device = resolve_device(t.device)
     data = load_domain(cfg.data)
     ood = sibling_domains(data, cfg.data.ood)
@@ -117,24 +126,29 @@ def finetune(cfg: Config, run_dir: Path, console: Console) -> dict[str, Any]:
     image_size = input_size(cfg, built)
     eval_tf = build_transform(image_size, built.mean, built.std, train=False)
     train_tf = build_transform(image_size, built.mean, built.std, True, cfg.data.hflip, cfg.data.crop_scale)
-    loader = make_loader(data.train, train_tf, t.batch_size, True, cfg.data.num_workers, t.seed,
-                         drop_last=len(data.train) > t.batch_size)
-    total_steps = min(t.epochs * len(loader), t.max_steps or math.inf)
+    loader, sampler = make_train_loader(data.train, train_tf, t.batch_size, cfg.data.num_workers, t.seed,
+                                        drop_last=len(data.train) > t.batch_size)
+    total_steps = min(t.epochs * len(sampler), t.max_steps or math.inf)
     console.print(f"[bold]data[/] {data.domain}: {len(data.train)} train / {len(data.val)} val images, "
                   f"{len(data.classes)} classes ({data.split_source}); out-of-domain: {', '.join(ood) or 'none'}")
 
     lp_acc = None
-    if built.head_init == "linear_probe":
+    if built.head_init == "linear_probe" and not resume:  # a resumed run's head comes from its checkpoint
         feat_loader = make_loader(data.train, eval_tf, t.eval_batch_size, False, cfg.data.num_workers, 0)
         built.model.eval()
         feats, labels = extract_features(built.features, feat_loader, device)
         lp_acc = fit_linear_probe(built.head, feats, labels)
         console.print(f"[bold]head[/] linear probe on frozen features: train top-1 {lp_acc:.3f}")
-    head_state = {k: v.detach().cpu().contiguous() for k, v in built.head.state_dict().items()}
-    with atomic_path(run_dir / "init_head.safetensors") as tmp:
-        save_file(head_state, str(tmp), metadata={"head_prefix": built.head_prefix, "head_init": built.head_init})
+    if not resume:
+        head_state = {k: v.detach().cpu().contiguous() for k, v in built.head.state_dict().items()}
+        save_safetensors(run_dir / "init_head.safetensors", head_state,
+                         {"head_prefix": built.head_prefix, "head_init": built.head_init})
 
     trainer = make_trainer(cfg, built, device, total_steps)
+    progress = {"epoch": 0, "batch": 0}
+    if resume:
+        progress = load_checkpoint(run_dir / CHECKPOINT, trainer)["progress"]
+        console.print(f"[bold]resumed[/] from {run_dir / CHECKPOINT} at step {trainer.step}")
     summary = trainer.method.summary()
     console.print(f"[bold]train[/] {cfg.method.name}: {total_steps} steps of {t.batch_size} images on {device}; "
                   + ", ".join(f"{k}={v}" for k, v in summary.items()))
@@ -143,28 +157,36 @@ def finetune(cfg: Config, run_dir: Path, console: Console) -> dict[str, Any]:
         torch.cuda.reset_peak_memory_stats(device)
     start = window_start = time.perf_counter()
     window_loss, window_n, images = 0.0, 0, 0
-    epoch = 0
-    while trainer.step < total_steps:
-        epoch += 1
-        for x, y in loader:
-            loss = trainer.train_step(x, y)
-            if not math.isfinite(loss):
-                raise UserError(f"loss became {loss} at step {trainer.step}: lower train.lr or use train.precision=fp32")
-            window_loss, window_n, images = window_loss + loss, window_n + 1, images + y.numel()
-            if trainer.step % t.log_every == 0 or trainer.step == total_steps:
-                now = time.perf_counter()
-                record = {
-                    "step": trainer.step, "epoch": epoch, "loss": window_loss / window_n,
-                    "lr": trainer.lr,
-                    "images_per_s": window_n * t.batch_size / max(now - window_start, 1e-9),
-                    "memory_bytes": peak_memory_bytes(device), "elapsed_s": now - start,
-                }
-                append_jsonl(metrics_path, record)
-                console.print(f"step {trainer.step:>6}/{total_steps}  loss {record['loss']:.4f}  "
-                              f"lr {record['lr']:.2e}  {record['images_per_s']:.1f} img/s")
-                window_start, window_loss, window_n = now, 0.0, 0
-            if trainer.step >= total_steps:
-                break
+    with stop_on_signals() as stop:
+        while trainer.step < total_steps:
+            sampler.set_epoch(progress["epoch"], progress["batch"])
+            for x, y in loader:
+                loss = trainer.train_step(x, y)
+                progress["batch"] += 1
+                if not math.isfinite(loss):
+                    raise UserError(f"loss became {loss} at step {trainer.step}: lower train.lr or use "
+                                    "train.precision=fp32 (the last checkpoint, if any, is intact)")
+                window_loss, window_n, images = window_loss + loss, window_n + 1, images + y.numel()
+                if trainer.step % t.log_every == 0 or trainer.step == total_steps:
+                    now = time.perf_counter()
+                    record = {
+                        "step": trainer.step, "epoch": progress["epoch"] + 1, "loss": window_loss / window_n,
+                        "lr": trainer.lr, "images_per_s": window_n * t.batch_size / max(now - window_start, 1e-9),
+                        "memory_bytes": peak_memory_bytes(device), "elapsed_s": now - start,
+                    }
+                    append_jsonl(metrics_path, record)
+                    console.print(f"step {trainer.step:>6}/{total_steps}  loss {record['loss']:.4f}  "
+                                  f"lr {record['lr']:.2e}  {record['images_per_s']:.1f} img/s")
+                    window_start, window_loss, window_n = now, 0.0, 0
+                if progress["batch"] == len(sampler):
+                    progress = {"epoch": progress["epoch"] + 1, "batch": 0}
+                if stop.requested or (t.checkpoint_every and trainer.step % t.checkpoint_every == 0):
+                    path = save_checkpoint(run_dir, trainer, progress, cfg)
+                    if stop.requested:
+                        raise Interrupted(f"stopped by {stop.requested} at step {trainer.step}; checkpoint {path}; "
+                                          f"continue with `gmixout finetune --resume {run_dir}`")
+                if trainer.step >= total_steps:
+                    break
     train_time = time.perf_counter() - start
     trainer.method.finish()
     built.model.eval()
@@ -177,7 +199,7 @@ def finetune(cfg: Config, run_dir: Path, console: Console) -> dict[str, Any]:
                               t.precision, on_domain=lambda d, a: console.print(f"  top-1 {d}: {a:.4f}"))
     results = {
         "model": cfg.model.name, "method": cfg.method.name, **scores,
-        "steps": total_steps, "epochs_run": epoch, "train_time_s": train_time,
+        "steps": total_steps, "train_time_s": train_time,
         "images_per_s": images / max(train_time, 1e-9), "peak_memory_bytes": peak_memory_bytes(device),
         "device": str(device), "image_size": image_size, "method_summary": summary,
         "linear_probe_train_top1": lp_acc, "split": data.split_source, "weights": str(weights_path),

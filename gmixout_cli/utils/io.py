@@ -48,3 +48,29 @@ def append_jsonl(path: Path, obj: Any) -> None:
     """Append one JSON line (a log: a torn last line is the only possible loss)."""
     with open(path, "a") as f:
         f.write(json.dumps(obj) + "\n")
+
+
+def save_safetensors(path: Path, tensors: dict, metadata: dict[str, str] | None = None) -> None:
+    """Atomically write a safetensors file whose bytes depend only on its content.
+
+    The safetensors writer orders metadata keys by a hash map, differently in every process; the header
+    is rewritten with sorted metadata keys (same length, same JSON) so equal models give equal files.
+    """
+    from safetensors.torch import save_file
+
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+        if metadata:
+            _sort_metadata_in_place(tmp)
+
+
+def _sort_metadata_in_place(path: Path) -> None:
+    with open(path, "r+b") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+        data = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(data) > size:  # cannot happen for a reordering; keep the valid original rather than risk it
+            return
+        f.seek(8)
+        f.write(data + b" " * (size - len(data)))  # safetensors pads its header with spaces too
