@@ -42,6 +42,9 @@ class DataConfig:
     """RandomResizedCrop area range in training."""
     num_workers: int = 2
     """Data-loading worker processes."""
+    unreadable: Literal["error", "skip"] = "error"
+    """Images that cannot be decoded: `error` stops before training and names them; `skip` leaves them out and
+    reports how many."""
 
 
 @dataclass
