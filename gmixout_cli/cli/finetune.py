@@ -7,6 +7,7 @@ import shutil
 import typer
 import yaml
 from rich.syntax import Syntax
+from rich.table import Table
 
 from gmixout_cli.cli.common import OVERRIDES_HELP, RECIPE_HELP, console, split_csv, scores_table
 from gmixout_cli.errors import UserError
@@ -71,6 +72,12 @@ def finetune(
             shutil.rmtree(run_dir)  # nothing but our own config was written: leave no empty run behind
         raise
     console.print(scores_table(f"{cfg.model.name} / {cfg.method.name}", results))
-    console.print(f"{results['steps']} steps in {results['train_time_s']:.1f} s "
-                  f"({results['images_per_s']:.1f} img/s), peak memory {results['peak_memory_bytes'] / 2**30:.2f} GiB; "
-                  f"outputs in {run_dir}")
+    summary = Table(title="run", show_header=False)
+    summary.add_column("what")
+    summary.add_column("value")
+    summary.add_row("training time", f"{results['train_time_s']:.1f} s for {results['steps']} steps")
+    summary.add_row("throughput", f"{results['images_per_s']:.1f} images/s")
+    summary.add_row("peak memory", f"{results['peak_memory_bytes'] / 2**30:.2f} GiB ({results['device']})")
+    summary.add_row("merged model", str(run_dir / "model.safetensors"))
+    summary.add_row("results, metrics", f"{run_dir / 'results.json'}, {run_dir / 'metrics.jsonl'}")
+    console.print(summary)

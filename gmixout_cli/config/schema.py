@@ -81,6 +81,8 @@ class TrainConfig:
     """Autocast precision of forward and backward (weights and optimizer state stay fp32)."""
     log_every: int = 10
     """Steps between lines of metrics.jsonl."""
+    tensorboard: bool = False
+    """Also write the step metrics as TensorBoard scalars under RUN/tensorboard (needs `pip install tensorboard`)."""
     checkpoint_every: int | None = None
     """Steps between checkpoints (null: only on SIGINT/SIGTERM); resume with `gmixout finetune --resume`."""
     deterministic: bool = False

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,7 +29,8 @@ from gmixout_cli.training.checkpoint import CHECKPOINT, load_checkpoint, save_ch
 from gmixout_cli.training.linear_probe import extract_features, fit_linear_probe
 from gmixout_cli.training.schedule import make_scheduler
 from gmixout_cli.training.signals import stop_on_signals
-from gmixout_cli.utils.io import append_jsonl, save_safetensors, write_json
+from gmixout_cli.training.steplog import StepLogger
+from gmixout_cli.utils.io import save_safetensors, write_json
 from gmixout_cli.utils.memory import peak_memory_bytes, resolve_device
 
 
@@ -152,12 +152,10 @@ def finetune(cfg: Config, run_dir: Path, console: Console, resume: bool = False)
     summary = trainer.method.summary()
     console.print(f"[bold]train[/] {cfg.method.name}: {total_steps} steps of {t.batch_size} images on {device}; "
                   + ", ".join(f"{k}={v}" for k, v in summary.items()))
-    metrics_path = run_dir / "metrics.jsonl"
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    start = window_start = time.perf_counter()
-    window_loss, window_n, images = 0.0, 0, 0
-    with stop_on_signals() as stop:
+    with stop_on_signals() as stop, StepLogger(run_dir, console, total_steps, trainer.step, t.log_every,
+                                               t.batch_size, t.tensorboard) as log:
         while trainer.step < total_steps:
             sampler.set_epoch(progress["epoch"], progress["batch"])
             for x, y in loader:
@@ -166,18 +164,7 @@ def finetune(cfg: Config, run_dir: Path, console: Console, resume: bool = False)
                 if not math.isfinite(loss):
                     raise UserError(f"loss became {loss} at step {trainer.step}: lower train.lr or use "
                                     "train.precision=fp32 (the last checkpoint, if any, is intact)")
-                window_loss, window_n, images = window_loss + loss, window_n + 1, images + y.numel()
-                if trainer.step % t.log_every == 0 or trainer.step == total_steps:
-                    now = time.perf_counter()
-                    record = {
-                        "step": trainer.step, "epoch": progress["epoch"] + 1, "loss": window_loss / window_n,
-                        "lr": trainer.lr, "images_per_s": window_n * t.batch_size / max(now - window_start, 1e-9),
-                        "memory_bytes": peak_memory_bytes(device), "elapsed_s": now - start,
-                    }
-                    append_jsonl(metrics_path, record)
-                    console.print(f"step {trainer.step:>6}/{total_steps}  loss {record['loss']:.4f}  "
-                                  f"lr {record['lr']:.2e}  {record['images_per_s']:.1f} img/s")
-                    window_start, window_loss, window_n = now, 0.0, 0
+                log.step(trainer.step, progress["epoch"] + 1, loss, trainer.lr, peak_memory_bytes(device), y.numel())
                 if progress["batch"] == len(sampler):
                     progress = {"epoch": progress["epoch"] + 1, "batch": 0}
                 if stop.requested or (t.checkpoint_every and trainer.step % t.checkpoint_every == 0):
@@ -187,7 +174,7 @@ def finetune(cfg: Config, run_dir: Path, console: Console, resume: bool = False)
                                           f"continue with `gmixout finetune --resume {run_dir}`")
                 if trainer.step >= total_steps:
                     break
-    train_time = time.perf_counter() - start
+        train_time, images = log.elapsed(), log.images
     trainer.method.finish()
     built.model.eval()
 
