@@ -69,3 +69,27 @@ def test_resume_reports_changed_config_and_refuses_finished_runs(tmp_path: Path)
                              timeout=300)
     assert changed.returncode == 0, changed.stderr
     assert "train.lr: 0.001 (run) vs 0.5 (given)" in changed.stderr
+
+
+def test_sigterm_writes_a_checkpoint_then_resume_finishes(tmp_path: Path) -> None:
+    data = write_domains(tmp_path / "data") / "src"
+    run = tmp_path / "run"
+    args = ["--data", str(data), *ARGS, "train.checkpoint_every=100", "--out", str(run)]  # no periodic checkpoint
+    proc = subprocess.Popen(_cmd(*args), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = run / "metrics.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
+            proc.send_signal(signal.SIGTERM)
+            break
+        time.sleep(0.05)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "stopped by SIGTERM" in err and "--resume" in err and "Traceback" not in err
+    assert (run / "checkpoint.safetensors").is_file() and not (run / "model.safetensors").exists()
+    resumed = subprocess.run(_cmd("--resume", "auto"), env=_env(), capture_output=True, text=True, timeout=300,
+                             cwd=tmp_path)
+    assert resumed.returncode != 0 and "no unfinished run" in resumed.stderr  # auto looks under ./runs only
+    resumed = subprocess.run(_cmd("--resume", str(run)), env=_env(), capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert (run / "model.safetensors").is_file()
