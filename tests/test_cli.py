@@ -132,3 +132,14 @@ def test_error_paths_exit_2_with_one_line(domains: Path, tmp_path: Path, run_dir
     _one_line_error(gmixout("evaluate", str(tmp_path / "missing-run")), "missing-run")
     _one_line_error(gmixout("finetune", "--recipe", "nope"), "unknown recipe 'nope'")
     _one_line_error(gmixout("finetune", "--data", str(domains / "src"), "--out", str(run_dir)), "already exists")
+
+
+def test_unreadable_images_skipped_on_request_with_a_count(domains: Path, tmp_path: Path) -> None:
+    (domains / "src" / "red" / "001.png").write_bytes(b"truncated")
+    (domains / "tgt" / "blue" / "002.png").write_bytes(b"\x89PNG\r\n")
+    proc = gmixout("finetune", "--data", str(domains / "src"), *TINY, "train.epochs=1", "data.unreadable=skip",
+                   "--out", str(tmp_path / "run"))
+    assert proc.returncode == 0, proc.stderr
+    assert "skipped 1 unreadable image in the training domain src" in proc.stderr
+    assert "skipped 1 unreadable image in the out-of-domain set tgt" in proc.stderr
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["skipped_unreadable"] == 2

@@ -39,8 +39,8 @@ def evaluate(
       gmixout evaluate runs/my-run --ood painting,clipart --json
     """
     from gmixout_cli.config import DataConfig, build_config
-    from gmixout_cli.data import build_transform, load_domain, sibling_domains
-    from gmixout_cli.eval import evaluate_domains
+    from gmixout_cli.data import build_transform, load_domain, sibling_domains, verify_domain_data
+    from gmixout_cli.eval import evaluate_domains, ood_sets
     from gmixout_cli.models import load_classifier
     from gmixout_cli.training import latest_run
     from gmixout_cli.utils.memory import resolve_device
@@ -68,7 +68,9 @@ def evaluate(
     mean, std = json.loads(meta["mean"]), json.loads(meta["std"])
     transform = build_transform(int(meta["image_size"]), mean, std, train=False)
     log = err_console if as_json else console
-    scores = evaluate_domains(model, domain, sibling_domains(domain, data_cfg.ood), transform, batch_size, workers, dev,
+    domain, _ = verify_domain_data(domain, data_cfg.unreadable, workers)
+    ood_items, _ = ood_sets(domain, sibling_domains(domain, data_cfg.ood), data_cfg.unreadable, workers)
+    scores = evaluate_domains(model, domain, ood_items, transform, batch_size, workers, dev,
                               on_domain=lambda d, a: log.print(f"  top-1 {d}: {a:.4f}"))
     name = cfg.model.name if cfg else f"{meta['library']}:{meta['arch']}"
     result = {"model": name, "weights": str(weights), **scores}

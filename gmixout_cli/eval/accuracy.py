@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import nn
 
-from gmixout_cli.data import DomainData, load_eval_domain, make_loader
+from gmixout_cli.data import DomainData, Item, load_eval_domain, make_loader, verify_images
 
 
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
@@ -31,10 +31,20 @@ def top1(model: nn.Module, loader: Iterator, device: torch.device, precision: st
     return correct / max(1, total)
 
 
+def ood_sets(data: DomainData, ood: list[str], unreadable: str, workers: int) -> tuple[dict[str, list[Item]], int]:
+    """The images of each out-of-domain sibling, checked up front (class sets and unreadable files)."""
+    sets, skipped = {}, 0
+    for name in ood:
+        items = load_eval_domain(data, name)
+        sets[name], bad = verify_images(items, unreadable, workers, what=f"the out-of-domain set {name}")
+        skipped += len(bad)
+    return sets, skipped
+
+
 def evaluate_domains(
     model: nn.Module,
     data: DomainData,
-    ood: list[str],
+    ood: dict[str, list[Item]],
     transform: Callable,
     batch_size: int,
     num_workers: int,
@@ -50,8 +60,8 @@ def evaluate_domains(
     result: dict = {"id": {data.domain: run(data.val)}, "ood": {}}
     if on_domain:
         on_domain(data.domain, result["id"][data.domain])
-    for name in ood:
-        result["ood"][name] = run(load_eval_domain(data, name))
+    for name, items in ood.items():
+        result["ood"][name] = run(items)
         if on_domain:
             on_domain(name, result["ood"][name])
     result["ood_avg"] = sum(result["ood"].values()) / len(result["ood"]) if result["ood"] else None

@@ -19,10 +19,10 @@ from rich.console import Console
 
 from gmixout_cli.config import Config, config_to_dict
 from gmixout_cli.data import (
-    build_transform, load_domain, load_eval_domain, make_loader, make_train_loader, sibling_domains,
+    build_transform, load_domain, make_loader, make_train_loader, sibling_domains, verify_domain_data,
 )
 from gmixout_cli.errors import Interrupted, UserError
-from gmixout_cli.eval import autocast, evaluate_domains
+from gmixout_cli.eval import autocast, evaluate_domains, ood_sets
 from gmixout_cli.methods import Method, make_method
 from gmixout_cli.models import BuiltModel, build_model, resolve_targets, save_classifier
 from gmixout_cli.training.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
@@ -118,9 +118,9 @@ def finetune(cfg: Config, run_dir: Path, console: Console, resume: bool = False)
         torch.backends.cudnn.benchmark = False
     device = resolve_device(t.device)
     data = load_domain(cfg.data)
-    ood = sibling_domains(data, cfg.data.ood)
-    for name in ood:  # class sets are checked now, not after an hour of training
-        load_eval_domain(data, name)
+    # every image and every class set is checked now, not after an hour of training
+    data, skipped = verify_domain_data(data, cfg.data.unreadable, cfg.data.num_workers)
+    ood, skipped_ood = ood_sets(data, sibling_domains(data, cfg.data.ood), cfg.data.unreadable, cfg.data.num_workers)
     built = build_model(cfg.model, data.classes, t.seed)
     built.model.to(device)
     image_size = input_size(cfg, built)
@@ -130,7 +130,8 @@ def finetune(cfg: Config, run_dir: Path, console: Console, resume: bool = False)
                                         drop_last=len(data.train) > t.batch_size)
     total_steps = min(t.epochs * len(sampler), t.max_steps or math.inf)
     console.print(f"[bold]data[/] {data.domain}: {len(data.train)} train / {len(data.val)} val images, "
-                  f"{len(data.classes)} classes ({data.split_source}); out-of-domain: {', '.join(ood) or 'none'}")
+                  f"{len(data.classes)} classes ({data.split_source}); out-of-domain: {', '.join(ood) or 'none'}"
+                  + (f"; [yellow]skipped {skipped + skipped_ood} unreadable images[/]" if skipped + skipped_ood else ""))
 
     lp_acc = None
     if built.head_init == "linear_probe" and not resume:  # a resumed run's head comes from its checkpoint
@@ -189,7 +190,8 @@ def finetune(cfg: Config, run_dir: Path, console: Console, resume: bool = False)
         "steps": total_steps, "train_time_s": train_time,
         "images_per_s": images / max(train_time, 1e-9), "peak_memory_bytes": peak_memory_bytes(device),
         "device": str(device), "image_size": image_size, "method_summary": summary,
-        "linear_probe_train_top1": lp_acc, "split": data.split_source, "weights": str(weights_path),
+        "linear_probe_train_top1": lp_acc, "skipped_unreadable": skipped + skipped_ood,
+        "split": data.split_source, "weights": str(weights_path),
     }
     write_json(run_dir / "results.json", results)
     return results
