@@ -194,5 +194,6 @@ def finetune(cfg: Config, run_dir: Path, console: Console, resume: bool = False)
         "split": data.split_source, "weights": str(weights_path),
     }
     write_json(run_dir / "results.json", results)
+    (run_dir / CHECKPOINT).unlink(missing_ok=True)  # the run is complete: model.safetensors supersedes it
     return results
 

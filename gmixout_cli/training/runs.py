@@ -67,11 +67,11 @@ def resume_run(target: str, recipe: str | None, overrides: list[str], shortcuts:
     else:
         run_dir = Path(target).expanduser()
         run_dir = run_dir.parent if run_dir.is_file() else run_dir
+    if (run_dir / "model.safetensors").exists():
+        raise UserError(f"{run_dir} already finished (model.safetensors exists): nothing to resume")
     if not (run_dir / CHECKPOINT).is_file():
         raise UserError(f"{run_dir} has no {CHECKPOINT}: it never checkpointed (set train.checkpoint_every) "
                         "or is not a run folder")
-    if (run_dir / "model.safetensors").exists():
-        raise UserError(f"{run_dir} already finished (model.safetensors exists): nothing to resume")
     cfg = read_run_config(run_dir)
     if read_checkpoint_meta(run_dir / CHECKPOINT)["config_hash"] != config_hash(cfg):
         raise UserError(f"{run_dir}/config.yaml was edited after the checkpoint was written: restore it to resume")
