@@ -77,3 +77,22 @@ def test_gmixout_writes_no_pickle_and_reads_pickles_safely() -> None:
         assert not re.search(r"yaml\.load\(", text), path  # safe_load only
         for call in re.findall(r"torch\.load\([^)]*\)", text):
             assert "weights_only=True" in call, (path, call)
+
+
+def test_unreadable_folder_is_a_user_error(tmp_path: Path, monkeypatch) -> None:
+    import os
+
+    from gmixout_cli.config import DataConfig
+    from gmixout_cli.data import load_domain
+
+    root = write_domains(tmp_path / "data")
+    real = os.scandir
+
+    def scandir(path):  # noqa: ANN001 - as if `chmod 000` on the class folder (root ignores real permissions)
+        if str(path).endswith("green"):
+            raise PermissionError(13, "Permission denied")
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    with pytest.raises(UserError, match=r"cannot read folder .*green: Permission denied; fix its permissions"):
+        load_domain(DataConfig(root=str(root / "src")))

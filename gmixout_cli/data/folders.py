@@ -63,6 +63,15 @@ def _example(paths: list[Path] | list[str], noun: str) -> str:
     return f"{len(paths)} {noun}{'s' * (len(paths) != 1)} (e.g. {paths[0]})"
 
 
+def _entries(folder: Path | str) -> list[os.DirEntry]:
+    """The entries of a folder; an unreadable folder is a user error, not a traceback."""
+    try:
+        with os.scandir(folder) as it:
+            return list(it)
+    except OSError as exc:
+        raise UserError(f"cannot read folder {folder}: {exc.strerror or exc}; fix its permissions or the path") from None
+
+
 def scan_domain(domain_dir: Path) -> dict[str, list[Path]]:
     """Class name -> sorted image paths of one domain folder, in sorted class order.
 
@@ -80,14 +89,13 @@ def scan_domain(domain_dir: Path) -> dict[str, list[Path]]:
         )
     class_names: list[str] = []
     loose_images: list[Path] = []
-    with os.scandir(domain_dir) as entries:
-        for entry in entries:
-            if entry.name.startswith("."):
-                continue
-            if entry.is_dir():
-                class_names.append(entry.name)
-            elif is_image_name(entry.name):
-                loose_images.append(Path(entry.path))
+    for entry in _entries(domain_dir):
+        if entry.name.startswith("."):
+            continue
+        if entry.is_dir():
+            class_names.append(entry.name)
+        elif is_image_name(entry.name):
+            loose_images.append(Path(entry.path))
     class_names.sort()
     loose_images.sort()
     if not class_names:
@@ -105,20 +113,19 @@ def scan_domain(domain_dir: Path) -> dict[str, list[Path]]:
     non_images: list[Path] = []
     for name in class_names:
         files: list[Path] = []
-        with os.scandir(domain_dir / name) as entries:
-            for entry in entries:
-                if entry.name.startswith("."):
-                    continue
-                if entry.is_dir():
-                    raise UserError(
-                        f"class folder {domain_dir / name} contains a folder '{entry.name}': images must sit "
-                        "directly in class folders (ROOT/DOMAIN/<class>/<image>); "
-                        "if you passed ROOT, pass ROOT/DOMAIN instead"
-                    )
-                if is_image_name(entry.name):
-                    files.append(Path(entry.path))
-                elif entry.name.lower() not in SIDECAR_FILES:
-                    non_images.append(Path(entry.path))
+        for entry in _entries(domain_dir / name):
+            if entry.name.startswith("."):
+                continue
+            if entry.is_dir():
+                raise UserError(
+                    f"class folder {domain_dir / name} contains a folder '{entry.name}': images must sit "
+                    "directly in class folders (ROOT/DOMAIN/<class>/<image>); "
+                    "if you passed ROOT, pass ROOT/DOMAIN instead"
+                )
+            if is_image_name(entry.name):
+                files.append(Path(entry.path))
+            elif entry.name.lower() not in SIDECAR_FILES:
+                non_images.append(Path(entry.path))
         images[name] = sorted(files)
     if non_images:
         non_images.sort()
@@ -160,13 +167,11 @@ def load_domain(cfg: DataConfig) -> DomainData:
 def _available_siblings(data: DomainData) -> list[str]:
     """Sorted sibling folders of the training domain that contain at least one class folder."""
     found: list[str] = []
-    with os.scandir(data.root) as entries:
-        for entry in entries:
-            if entry.name.startswith(".") or entry.name in (data.domain, SPLITS_FOLDER) or not entry.is_dir():
-                continue
-            with os.scandir(entry.path) as inner:
-                if any(not e.name.startswith(".") and e.is_dir() for e in inner):
-                    found.append(entry.name)
+    for entry in _entries(data.root):
+        if entry.name.startswith(".") or entry.name in (data.domain, SPLITS_FOLDER) or not entry.is_dir():
+            continue
+        if any(not e.name.startswith(".") and e.is_dir() for e in _entries(entry.path)):
+            found.append(entry.name)
     return sorted(found)
 
 
