@@ -201,6 +201,10 @@ def _check_values(cfg: Config) -> list[str]:
         p.append(f"'data.crop_scale' must be [min, max] with 0 < min <= max <= 1, got {d.crop_scale}")
     if d.num_workers < 0:
         p.append(f"'data.num_workers' must be >= 0, got {d.num_workers}")
+    if m.name == "randmask" and (m.episodes != 1 or m.k is not None or m.lam != 0.0):
+        p.append("method.name=randmask is GMixout with one fixed mask: set method.episodes=1 method.k=null method.lam=0")
+    if m.name == "lpft" and cfg.model.head_init not in ("auto", "linear_probe"):
+        p.append(f"method.name=lpft starts from a linear-probe head: set model.head_init=auto, got {cfg.model.head_init}")
     if cfg.model.weights not in ("pretrained", "random") and not cfg.model.weights.strip():
         p.append("'model.weights' is empty: use pretrained, random, or a path to a weight file")
     return p

@@ -95,8 +95,10 @@ class TrainConfig:
 class MethodConfig:
     """The fine-tuning method and its hyperparameters (see METHOD.md)."""
 
-    name: Literal["gmixout", "full", "mixout"] = "gmixout"
-    """`gmixout`, `full` (full fine-tuning) or `mixout` (the original dense Mixout, a fresh mask every forward)."""
+    name: Literal["gmixout", "full", "lp", "lpft", "randmask", "mixout"] = "gmixout"
+    """`gmixout`; baselines: `full` (full fine-tuning), `lp` (linear probe: the head only), `lpft` (full
+    fine-tuning from a linear-probe head), `randmask` (one fixed random mask: GMixout with one episode and
+    lam=0), `mixout` (the original dense Mixout, a fresh mask every forward)."""
     p: float = 0.9
     """Mask probability: GMixout trains a fraction 1-p of every target tensor per episode; Mixout's p."""
     k: int | None = None

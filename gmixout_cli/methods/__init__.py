@@ -9,17 +9,21 @@ from gmixout_cli.methods.base import Method
 from gmixout_cli.methods.full import FullFinetune
 from gmixout_cli.methods.gmixout import GMixout, episode_length
 from gmixout_cli.methods.mixout import Mixout
+from gmixout_cli.methods.probe import LinearProbe
 
 
 def make_method(cfg: Config, model: nn.Module, targets: list[str], head_prefix: str, total_steps: int) -> Method:
     """Build the method named by `cfg.method.name` around `model`."""
     t = cfg.train
     head_lr = t.head_lr if t.head_lr is not None else t.lr
-    if cfg.method.name == "full":
+    if cfg.method.name in ("full", "lpft"):  # LP-FT differs in its head initialisation only (model.head_init)
         return FullFinetune(model, head_prefix, t.lr, head_lr, t.weight_decay)
+    if cfg.method.name == "lp":
+        return LinearProbe(model, head_prefix, head_lr, t.weight_decay)
     if cfg.method.name == "mixout":
         return Mixout(model, targets, head_prefix, cfg.method.p, t.seed, t.lr, head_lr, t.weight_decay)
+    # gmixout, and randmask (the config checks it is GMixout with one episode and lam = 0)
     return GMixout(model, targets, head_prefix, cfg.method, total_steps, t.seed, t.lr, head_lr, t.weight_decay)
 
 
-__all__ = ["FullFinetune", "GMixout", "Method", "Mixout", "episode_length", "make_method"]
+__all__ = ["FullFinetune", "GMixout", "LinearProbe", "Method", "Mixout", "episode_length", "make_method"]

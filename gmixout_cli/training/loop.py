@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -121,7 +122,10 @@ def finetune(cfg: Config, run_dir: Path, console: Console, resume: bool = False)
     # every image and every class set is checked now, not after an hour of training
     data, skipped = verify_domain_data(data, cfg.data.unreadable, cfg.data.num_workers)
     ood, skipped_ood = ood_sets(data, sibling_domains(data, cfg.data.ood), cfg.data.unreadable, cfg.data.num_workers)
-    built = build_model(cfg.model, data.classes, t.seed)
+    model_cfg = cfg.model
+    if cfg.method.name == "lpft" and model_cfg.head_init == "auto":  # LP-FT: the head starts from a linear probe
+        model_cfg = dataclasses.replace(model_cfg, head_init="linear_probe")
+    built = build_model(model_cfg, data.classes, t.seed)
     built.model.to(device)
     image_size = input_size(cfg, built)
     eval_tf = build_transform(image_size, built.mean, built.std, train=False)
