@@ -14,6 +14,7 @@ from gmixout_cli.training import make_trainer
 METHODS = {
     "full": {}, "lp": {}, "lpft": {}, "mixout": {"p": 0.5},
     "gmixout": {"p": 0.8, "k": 5}, "randmask": {"p": 0.8, "episodes": 1, "lam": 0.0},
+    "lora": {"r": 4}, "dora": {"r": 4}, "mlae": {"r": 4, "p": 0.5},
 }
 
 

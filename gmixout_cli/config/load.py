@@ -201,6 +201,10 @@ def _check_values(cfg: Config) -> list[str]:
         p.append(f"'data.crop_scale' must be [min, max] with 0 < min <= max <= 1, got {d.crop_scale}")
     if d.num_workers < 0:
         p.append(f"'data.num_workers' must be >= 0, got {d.num_workers}")
+    if m.r < 1:
+        p.append(f"'method.r' must be >= 1, got {m.r}")
+    if not 0.0 <= m.lora_dropout < 1.0:
+        p.append(f"'method.lora_dropout' must be in [0, 1), got {m.lora_dropout}")
     if m.name == "randmask" and (m.episodes != 1 or m.k is not None or m.lam != 0.0):
         p.append("method.name=randmask is GMixout with one fixed mask: set method.episodes=1 method.k=null method.lam=0")
     if m.name == "lpft" and cfg.model.head_init not in ("auto", "linear_probe"):

@@ -95,10 +95,11 @@ class TrainConfig:
 class MethodConfig:
     """The fine-tuning method and its hyperparameters (see METHOD.md)."""
 
-    name: Literal["gmixout", "full", "lp", "lpft", "randmask", "mixout"] = "gmixout"
+    name: Literal["gmixout", "full", "lp", "lpft", "randmask", "mixout", "lora", "dora", "mlae"] = "gmixout"
     """`gmixout`; baselines: `full` (full fine-tuning), `lp` (linear probe: the head only), `lpft` (full
     fine-tuning from a linear-probe head), `randmask` (one fixed random mask: GMixout with one episode and
-    lam=0), `mixout` (the original dense Mixout, a fresh mask every forward)."""
+    lam=0), `mixout` (the original dense Mixout, a fresh mask every forward), `lora` / `dora` (peft, on the
+    same targets), `mlae` (masked LoRA experts; method.p is its coefficient dropout)."""
     p: float = 0.9
     """Mask probability: GMixout trains a fraction 1-p of every target tensor per episode; Mixout's p."""
     k: int | None = None
@@ -115,6 +116,12 @@ class MethodConfig:
     """Reset the AdamW moments of the delta at each episode."""
     mask: Literal["bernoulli", "exact"] = "bernoulli"
     """Bernoulli masks, or exactly round((1-p)*numel) kept entries per tensor."""
+    r: int = 8
+    """LoRA / DoRA / MLAE rank."""
+    alpha: float | None = None
+    """LoRA / DoRA / MLAE scale numerator (scale = alpha / r); null = 2r for LoRA and DoRA, r for MLAE."""
+    lora_dropout: float = 0.0
+    """Dropout on the LoRA / DoRA input."""
     train_bias_norm: bool = False
     """Also train biases and normalisation parameters densely (frozen by default)."""
 

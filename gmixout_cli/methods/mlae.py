@@ -1,0 +1,213 @@
+"""MLAE, Masked LoRA Experts (Wang et al.; github jie040109/MLAE; ../papers/mlae.md).
+
+Each target weight W0 [out, in] gets a rank-r LoRA split into r rank-1 experts b_i a_i, each with a
+learnable coefficient c_i initialised to 1:
+
+    W = W0 + (alpha/r) * B diag(c ⊙ m) A        (A: Kaiming-uniform as in LoRA, B: zero)
+
+During training m is expert-level dropout on the coefficient vector: one Bernoulli(1-p) draw per expert per
+training forward pass (shared by the whole batch), survivors scaled by 1/(1-p). In eval mode m = 1. The
+substitution is a `torch.nn.utils.parametrize` parametrization on the module that owns the weight (like
+mixout.py), so module forwards are untouched; it covers Linear weights, nn.MultiheadAttention's
+`in_proj_weight` and its `out_proj.weight`. Conv kernels are refused.
+
+The mask is drawn once per training forward of the whole model (a forward pre-hook counts forwards) and
+reused by every read of the weight within it: MultiheadAttention reads `in_proj_weight` several times per
+forward, and a block recomputed under activation checkpointing sees the same experts as its forward.
+
+`finish()` evaluates W in eval mode (no dropout), writes it into the original parameter and removes the
+parametrization, so the state dict has exactly the library's keys with merged values.
+
+alpha defaults to r (scale 1), a keyword beyond the brief's signature.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from gmixout_cli.errors import UserError
+from gmixout_cli.methods.base import adamw, freeze_norm_stats, head_param_names
+
+
+class _Shared:
+    """Training forwards of the whole model so far (the mask key)."""
+
+    def __init__(self) -> None:
+        self.draw = 0
+
+
+class MLAEParametrization(nn.Module):
+    """W0 -> W0 + scale * B diag(c ⊙ m) A; m = 1 in eval mode."""
+
+    def __init__(self, weight: torch.Tensor, r: int, p: float, scale: float, shared: _Shared) -> None:
+        super().__init__()
+        out_features, in_features = weight.shape
+        kw = {"dtype": weight.dtype, "device": weight.device}
+        self.A = nn.Parameter(torch.empty(r, in_features, **kw))
+        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))  # LoRA's (and peft's) init of lora_A
+        self.B = nn.Parameter(torch.zeros(out_features, r, **kw))
+        self.c = nn.Parameter(torch.ones(r, **kw))
+        self.p = p
+        self.scale = scale
+        self.shared = shared
+        self._mask_key = -1
+        self._mask: torch.Tensor | None = None
+
+    def mask(self) -> torch.Tensor:
+        """The scaled expert mask of the current training forward (kept/(1-p) or 0), the same on every read."""
+        if self._mask is None or self._mask_key != self.shared.draw:
+            keep = torch.rand(self.c.shape, device=self.c.device) >= self.p
+            self._mask = keep.to(self.c.dtype) / (1.0 - self.p)
+            self._mask_key = self.shared.draw
+        return self._mask
+
+    def coefficients(self) -> torch.Tensor:
+        if self.training and self.p > 0:
+            return self.c * self.mask()
+        return self.c
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight + (self.B * self.coefficients()) @ self.A * self.scale
+
+
+class MLAE:
+    """Masked LoRA experts on the target weights; the head trains densely; everything else frozen."""
+
+    name = "mlae"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        targets: list[str],
+        head_prefix: str,
+        r: int,
+        p: float,
+        lr: float,
+        head_lr: float,
+        weight_decay: float,
+        alpha: float | None = None,
+    ) -> None:
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"mlae p must be in [0, 1), got {p}")
+        if r < 1:
+            raise ValueError(f"mlae r must be >= 1, got {r}")
+        self.model = model
+        self.r = r
+        self.p = p
+        self.alpha = float(r if alpha is None else alpha)
+        self.shared = _Shared()
+        head = set(head_param_names(model, head_prefix))
+        params = dict(model.named_parameters())
+        missing = sorted(set(targets) - set(params))
+        if missing:
+            raise UserError(f"mlae targets not among the model's parameters: {', '.join(missing[:5])}; "
+                            "fix model.targets")
+        self.targets = list(dict.fromkeys(targets))
+        for name in self.targets:
+            module, attr = _owner(model, name)
+            if name in head:
+                raise UserError(f"mlae target {name} is in the head ({head_prefix}), which trains densely; "
+                                "drop it from model.targets")
+            linear_like = (isinstance(module, nn.Linear) and attr == "weight") or (
+                isinstance(module, nn.MultiheadAttention) and attr == "in_proj_weight")
+            if not linear_like or params[name].ndim != 2:
+                raise UserError(
+                    f"mlae cannot adapt target {name} ({type(module).__name__}.{attr}): only Linear weights and "
+                    "nn.MultiheadAttention in_proj_weight are supported (no conv kernels); drop it from model.targets")
+        for param in params.values():
+            param.requires_grad_(False)
+        self._order: dict[int, list[str]] = {}
+        self._params: list[tuple[nn.Module, str, MLAEParametrization]] = []
+        for name in self.targets:
+            module, attr = _owner(model, name)
+            self._order.setdefault(id(module), list(module._parameters))
+            pm = MLAEParametrization(params[name], r, p, self.alpha / r, self.shared)
+            # unsafe: skips the registration-time consistency call; shape and dtype are preserved by construction
+            parametrize.register_parametrization(module, attr, pm, unsafe=True)
+            self._params.append((module, attr, pm))
+        head_params = [params[n] for n in sorted(head)]
+        for param in head_params:
+            param.requires_grad_(True)
+        ab = [t for _, _, pm in self._params for t in (pm.A, pm.B)]
+        coef = [pm.c for _, _, pm in self._params]
+        self._optimizer = adamw([
+            {"params": ab, "lr": lr, "weight_decay": weight_decay, "name": "adapters"},
+            {"params": coef, "lr": lr, "weight_decay": 0.0, "name": "coefficients"},
+            {"params": head_params, "lr": head_lr, "weight_decay": weight_decay, "name": "head"},
+        ])
+        self._adapter_entries = sum(t.numel() for t in ab + coef)
+        self._adapter_bytes = sum(t.numel() * t.element_size() for t in ab + coef)
+        self._head_entries = sum(t.numel() for t in head_params)
+        self._hook = model.register_forward_pre_hook(self._next_draw)
+
+    def _next_draw(self, module: nn.Module, args: Any) -> None:
+        if module.training:
+            self.shared.draw += 1
+
+    # -- the Method interface -------------------------------------------------------------
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        return [self._optimizer]
+
+    def set_train_mode(self, model: nn.Module) -> None:
+        model.train()
+        freeze_norm_stats(model)
+
+    def after_backward(self) -> None:
+        pass
+
+    def after_step(self, step: int) -> None:
+        pass
+
+    def finish(self) -> None:
+        """Merge W0 + scale * B diag(c) A into each target and drop the parametrizations."""
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+        with torch.no_grad():
+            for module, attr, pm in self._params:
+                if not parametrize.is_parametrized(module, attr):
+                    continue
+                pm.eval()  # no expert dropout in the exported weight
+                parametrize.remove_parametrizations(module, attr, leave_parametrized=True)
+                # Removal re-registers the weight last; restore the library's order for state_dict().
+                for key in self._order[id(module)]:
+                    if key in module._parameters:
+                        module._parameters[key] = module._parameters.pop(key)
+        self._params = []
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "r": self.r,
+            "p": self.p,
+            "targets": len(self.targets),
+            "adapter_entries": self._adapter_entries,
+            "trainable_entries": self._adapter_entries + self._head_entries,
+        }
+
+    def state_bytes(self) -> dict[str, int]:
+        return {"adapters": self._adapter_bytes}
+
+    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        tensors: dict[str, torch.Tensor] = {}
+        for name, (_, _, pm) in zip(self.targets, self._params):
+            for key in ("A", "B", "c"):
+                tensors[f"{name}.{key}"] = getattr(pm, key).detach().clone()
+        return tensors, {"draw": self.shared.draw}
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor], values: dict[str, Any]) -> None:
+        with torch.no_grad():
+            for name, (_, _, pm) in zip(self.targets, self._params):
+                for key in ("A", "B", "c"):
+                    getattr(pm, key).copy_(tensors[f"{name}.{key}"])
+        self.shared.draw = int(values.get("draw", 0))
+
+
+def _owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    """The module that owns parameter `name`, and the attribute name there."""
+    module_name, _, attr = name.rpartition(".")
+    return (model.get_submodule(module_name) if module_name else model), attr
