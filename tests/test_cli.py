@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
@@ -76,6 +77,29 @@ def test_merge_wise_ft_endpoints(run_dir: Path, tmp_path: Path) -> None:
     assert ((ends["0.5"][key] - (ends["0"][key] + tuned[key]) / 2).abs().max() < 1e-6)
     result = runner.invoke(app, ["evaluate", str(tmp_path / "a0.5.safetensors"), "--json", "--workers", "0"])
     assert result.exit_code == 0, result.output
+
+
+def test_merge_alpha_sweep_and_soups(run_dir: Path, tmp_path: Path) -> None:
+    from safetensors import safe_open
+
+    sweep = tmp_path / "sweep.safetensors"
+    result = runner.invoke(app, ["merge", str(run_dir), "--alpha", "0,1", "--out", str(sweep)])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    info = json.loads(safe_open(str(sweep), "pt").metadata()["merge"])
+    assert set(info["held_out_top1"]) == {"0.0", "1.0"}
+    assert info["alpha"] == max((s, float(a)) for a, s in info["held_out_top1"].items())[1]
+    tuned = load_file(str(run_dir / "model.safetensors"))
+    for method in ("uniform", "greedy", "monosoup"):
+        out = tmp_path / f"{method}.safetensors"
+        args = [str(run_dir)] * (1 if method == "monosoup" else 2)
+        result = runner.invoke(app, ["merge", *args, "--method", method, "--out", str(out)])
+        assert result.exit_code == 0, result.output + repr(result.exception)
+        merged = load_file(str(out))
+        assert merged.keys() == tuned.keys()
+        if method != "monosoup":  # a soup of one model with itself is that model
+            assert all(torch.allclose(merged[k].float(), tuned[k].float()) for k in tuned)
+    bad = runner.invoke(app, ["merge", str(run_dir), "--method", "uniform"])
+    assert bad.exit_code != 0 and "at least two runs" in str(bad.exception)
 
 
 def test_profile_reports_memory_and_budget(domains: Path) -> None:
