@@ -70,3 +70,17 @@ def freeze_norm_stats(model: nn.Module) -> None:
 def adamw(groups: list[dict[str, Any]]) -> torch.optim.AdamW:
     """AdamW over the non-empty groups (torch's default foreach implementation)."""
     return torch.optim.AdamW([g for g in groups if g["params"]], betas=(0.9, 0.999), eps=1e-8)
+
+
+def param_orders(model: nn.Module) -> dict[str, list[str]]:
+    """Each module's parameter names in registration order (state_dict order)."""
+    return {name: list(module._parameters) for name, module in model.named_modules()}
+
+
+def restore_param_orders(model: nn.Module, orders: dict[str, list[str]]) -> None:
+    """Parameters re-registered by parametrize or peft land last; put them back in the library's order so the
+    exported state_dict matches the library's key for key."""
+    for name, module in model.named_modules():
+        for key in orders.get(name, []):
+            if key in module._parameters:
+                module._parameters[key] = module._parameters.pop(key)

@@ -27,7 +27,9 @@ import torch
 from torch import nn
 
 from gmixout_cli.errors import UserError
-from gmixout_cli.methods.base import adamw, freeze_norm_stats, head_param_names, is_bias_or_norm
+from gmixout_cli.methods.base import (
+    adamw, freeze_norm_stats, head_param_names, is_bias_or_norm, param_orders, restore_param_orders,
+)
 
 ADAPTER_NAME = "default"
 _SUPPORTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding, nn.MultiheadAttention)
@@ -58,21 +60,6 @@ def resolve_owners(model: nn.Module, targets: list[str], method: str) -> dict[st
                 "weights and nn.MultiheadAttention in_proj_weight/out_proj.weight are supported; "
                 "drop it from model.targets")
     return owners
-
-
-def _param_orders(model: nn.Module) -> dict[str, list[str]]:
-    return {name: list(module._parameters) for name, module in model.named_modules()}
-
-
-def _restore_param_orders(model: nn.Module, orders: dict[str, list[str]]) -> None:
-    """Re-registered parameters land last; put every module's parameters back in the library's order."""
-    for name, module in model.named_modules():
-        order = orders.get(name)
-        if order is None:
-            continue
-        for key in order:
-            if key in module._parameters:
-                module._parameters[key] = module._parameters.pop(key)
 
 
 class PeftLoRA:
@@ -119,7 +106,7 @@ class PeftLoRA:
                     f"{self.name} cannot adapt {module_name}.weight (grouped/depthwise conv, groups={module.groups}): "
                     "peft cannot merge it into the weight; drop it from model.targets")
         self.targets = list(targets)
-        self._orders = _param_orders(model)
+        self._orders = param_orders(model)
         self._head_names = sorted(head)
         config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=sorted(owners),
                             use_dora=use_dora, bias="none")
@@ -196,7 +183,7 @@ class PeftLoRA:
                 parent_name, _, child = name.rpartition(".")
                 parent = self.model.get_submodule(parent_name) if parent_name else self.model
                 setattr(parent, child, base)
-        _restore_param_orders(self.model, self._orders)
+        restore_param_orders(self.model, self._orders)
         self.model.train(was_training)
         self._finished = True
 

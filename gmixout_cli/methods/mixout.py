@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from gmixout_cli.methods.base import adamw, head_param_names, is_bias_or_norm
+from gmixout_cli.methods.base import adamw, head_param_names, is_bias_or_norm, param_orders, restore_param_orders
 
 _SEED_STRIDE = 1_000_003  # keeps (seed, draw, target) keys apart for any realistic number of targets/draws
 
@@ -137,10 +137,9 @@ class Mixout:
             else:
                 groups["decay" if not is_bias_or_norm(name, param) else "no_decay"].append(param)
         self._params: list[tuple[nn.Module, str, MixoutParametrization]] = []
-        self._order: dict[int, list[str]] = {}
+        self._orders = param_orders(model)
         for index, name in enumerate(self.targets):
             module, attr = _owner(model, name)
-            self._order.setdefault(id(module), list(module._parameters))
             param_module = MixoutParametrization(params[name], p, seed, index, self.shared)
             # unsafe: skips the registration-time consistency call (it would draw a mask for nothing);
             # shape and dtype are preserved by construction.
@@ -183,12 +182,8 @@ class Mixout:
         self.shared.slot = None
         for module, attr, _ in self._params:
             if parametrize.is_parametrized(module, attr):
-                order = self._order[id(module)]
                 parametrize.remove_parametrizations(module, attr, leave_parametrized=False)
-                # Removal re-registers θ last; restore the library's order so state_dict() matches it key for key.
-                for key in order:
-                    if key in module._parameters:
-                        module._parameters[key] = module._parameters.pop(key)
+        restore_param_orders(self.model, self._orders)  # removal re-registers theta last
         self._params = []
 
     def summary(self) -> dict[str, Any]:

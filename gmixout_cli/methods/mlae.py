@@ -31,7 +31,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from gmixout_cli.errors import UserError
-from gmixout_cli.methods.base import adamw, freeze_norm_stats, head_param_names
+from gmixout_cli.methods.base import adamw, freeze_norm_stats, head_param_names, param_orders, restore_param_orders
 
 
 class _Shared:
@@ -121,11 +121,10 @@ class MLAE:
                     "nn.MultiheadAttention in_proj_weight are supported (no conv kernels); drop it from model.targets")
         for param in params.values():
             param.requires_grad_(False)
-        self._order: dict[int, list[str]] = {}
+        self._orders = param_orders(model)
         self._params: list[tuple[nn.Module, str, MLAEParametrization]] = []
         for name in self.targets:
             module, attr = _owner(model, name)
-            self._order.setdefault(id(module), list(module._parameters))
             pm = MLAEParametrization(params[name], r, p, self.alpha / r, self.shared)
             # unsafe: skips the registration-time consistency call; shape and dtype are preserved by construction
             parametrize.register_parametrization(module, attr, pm, unsafe=True)
@@ -174,10 +173,7 @@ class MLAE:
                     continue
                 pm.eval()  # no expert dropout in the exported weight
                 parametrize.remove_parametrizations(module, attr, leave_parametrized=True)
-                # Removal re-registers the weight last; restore the library's order for state_dict().
-                for key in self._order[id(module)]:
-                    if key in module._parameters:
-                        module._parameters[key] = module._parameters.pop(key)
+        restore_param_orders(self.model, self._orders)  # removal re-registers the weight last
         self._params = []
 
     def summary(self) -> dict[str, Any]:
