@@ -174,7 +174,8 @@ def _check_values(cfg: Config) -> list[str]:
         p.append(f"'method.k' must be >= 1, got {m.k}")
     if m.episodes is not None and m.episodes < 1:
         p.append(f"'method.episodes' must be >= 1, got {m.episodes}")
-    for name, value in (("train.epochs", t.epochs), ("train.batch_size", t.batch_size), ("train.log_every", t.log_every),
+    for name, value in (("train.epochs", t.epochs), ("train.batch_size", t.batch_size),
+                        ("train.log_every", t.log_every),
                         ("train.eval_batch_size", t.eval_batch_size)):
         if value < 1:
             p.append(f"'{name}' must be >= 1, got {value}")
@@ -206,9 +207,11 @@ def _check_values(cfg: Config) -> list[str]:
     if not 0.0 <= m.lora_dropout < 1.0:
         p.append(f"'method.lora_dropout' must be in [0, 1), got {m.lora_dropout}")
     if m.name == "randmask" and (m.episodes != 1 or m.k is not None or m.lam != 0.0):
-        p.append("method.name=randmask is GMixout with one fixed mask: set method.episodes=1 method.k=null method.lam=0")
+        p.append("method.name=randmask is GMixout with one fixed mask: "
+                 "set method.episodes=1 method.k=null method.lam=0")
     if m.name == "lpft" and cfg.model.head_init not in ("auto", "linear_probe"):
-        p.append(f"method.name=lpft starts from a linear-probe head: set model.head_init=auto, got {cfg.model.head_init}")
+        p.append("method.name=lpft starts from a linear-probe head: "
+                 f"set model.head_init=auto, got {cfg.model.head_init}")
     if cfg.model.weights not in ("pretrained", "random") and not cfg.model.weights.strip():
         p.append("'model.weights' is empty: use pretrained, random, or a path to a weight file")
     return p

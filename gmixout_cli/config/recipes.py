@@ -37,7 +37,8 @@ def resolve_recipe(name_or_path: str) -> Path:
     builtin = list_recipes()
     if name_or_path in builtin:
         return builtin[name_or_path]
-    raise UserError(f"unknown recipe '{name_or_path}': run `gmixout recipes` for the built-in names, or give a .yaml path")
+    raise UserError(f"unknown recipe '{name_or_path}': run `gmixout recipes` for the built-in names, "
+                    "or give a .yaml path")
 
 
 def load_config(recipe: str | None, overrides: list[str], shortcuts: dict[str, Any] | None = None) -> Config:

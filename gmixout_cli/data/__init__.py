@@ -17,6 +17,7 @@ from gmixout_cli.data.verify import image_problem, verify_domain_data, verify_im
 
 __all__ = [
     "BUILTIN_ROOTS", "IMAGE_EXTENSIONS", "DomainData", "EpochBatches", "ImageListDataset", "ImageReadError", "Item",
-    "build_transform", "load_domain", "load_eval_domain", "make_loader", "make_train_loader", "materialise_digits", "read_image",
+    "build_transform", "load_domain", "load_eval_domain", "make_loader", "make_train_loader",
+    "materialise_digits", "read_image",
     "resolve_root", "scan_domain", "sibling_domains", "to_rgb", "image_problem", "verify_domain_data", "verify_images",
 ]

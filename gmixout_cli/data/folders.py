@@ -69,7 +69,8 @@ def _entries(folder: Path | str) -> list[os.DirEntry]:
         with os.scandir(folder) as it:
             return list(it)
     except OSError as exc:
-        raise UserError(f"cannot read folder {folder}: {exc.strerror or exc}; fix its permissions or the path") from None
+        reason = exc.strerror or exc
+        raise UserError(f"cannot read folder {folder}: {reason}; fix its permissions or the path") from None
 
 
 def scan_domain(domain_dir: Path) -> dict[str, list[Path]]:

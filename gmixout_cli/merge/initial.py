@@ -18,7 +18,8 @@ def initial_state(run_dir: Path, meta: dict[str, str]) -> State:
     """Rebuild the run's starting weights from its config and its saved initial head."""
     head_path = run_dir / "init_head.safetensors"
     if "config" not in meta or not head_path.is_file():
-        raise UserError(f"{run_dir} lacks its config or init_head.safetensors: pass --base PATH to the model to merge with")
+        raise UserError(f"{run_dir} lacks its config or init_head.safetensors: "
+                        "pass --base PATH to the model to merge with")
     cfg = build_config(json.loads(meta["config"]))
     class_names = json.loads(meta["class_names"])
     built = build_model(cfg.model, class_names, cfg.train.seed)

@@ -21,7 +21,9 @@ def uniform_soup(states: list[State]) -> State:
     return out
 
 
-def greedy_soup(states: list[State], scores: list[float], evaluate: Callable[[State], float]) -> tuple[State, list[int]]:
+def greedy_soup(
+    states: list[State], scores: list[float], evaluate: Callable[[State], float]
+) -> tuple[State, list[int]]:
     """Wortsman et al.: by decreasing held-out score, add a model only if the soup's held-out score improves.
 
     Returns the soup and the indices (into `states`) of its ingredients.

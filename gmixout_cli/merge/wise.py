@@ -24,13 +24,16 @@ def load_weights(path: Path) -> tuple[State, dict[str, str]]:
             meta = f.metadata() or {}
         state = load_file(str(path))
     except Exception as exc:  # safetensors raises several types for damaged files
-        raise UserError(f"cannot read {path} as safetensors ({type(exc).__name__}): re-export or re-download it") from None
+        kind = type(exc).__name__
+        raise UserError(f"cannot read {path} as safetensors ({kind}): re-export or re-download it") from None
     if not meta.get("format", "").startswith("gmixout/"):
         raise UserError(f"{path} is not a gmixout model file (no gmixout metadata): give a file written by gmixout")
     return state, meta
 
 
-def check_compatible(a: State, a_meta: dict[str, str], b: State, b_meta: dict[str, str], a_name: str, b_name: str) -> None:
+def check_compatible(
+    a: State, a_meta: dict[str, str], b: State, b_meta: dict[str, str], a_name: str, b_name: str
+) -> None:
     """Same library, architecture, classes, tensor names and shapes; else a user error naming the difference."""
     for key in ("library", "arch", "class_names"):
         if a_meta.get(key) != b_meta.get(key):

@@ -35,4 +35,6 @@ def make_method(cfg: Config, model: nn.Module, targets: list[str], head_prefix: 
     return GMixout(model, targets, head_prefix, cfg.method, total_steps, t.seed, t.lr, head_lr, t.weight_decay)
 
 
-__all__ = ["MLAE", "FullFinetune", "GMixout", "LinearProbe", "Method", "Mixout", "PeftLoRA", "episode_length", "make_method"]
+__all__ = [
+    "MLAE", "FullFinetune", "GMixout", "LinearProbe", "Method", "Mixout", "PeftLoRA", "episode_length", "make_method",
+]

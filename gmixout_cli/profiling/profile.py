@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Any
 
@@ -41,9 +42,10 @@ def profile(cfg: Config, steps: int, budget_gb: float) -> dict[str, Any]:
     device = resolve_device(cfg.train.device)
     torch.manual_seed(cfg.train.seed)
     classes = load_domain(cfg.data).classes if cfg.data.root else [f"class {i}" for i in range(1000)]
-    if cfg.model.head_init == "auto":
-        cfg.model.head_init = "zero"  # head values do not change step cost; a linear probe would need data
-    built = build_model(cfg.model, classes, cfg.train.seed)
+    model_cfg = cfg.model
+    if model_cfg.head_init == "auto":  # head values do not change step cost; a linear probe would need data
+        model_cfg = dataclasses.replace(model_cfg, head_init="zero")
+    built = build_model(model_cfg, classes, cfg.train.seed)
     built.model.to(device)
     size = input_size(cfg, built)
     bs = cfg.train.batch_size
@@ -71,7 +73,8 @@ def profile(cfg: Config, steps: int, budget_gb: float) -> dict[str, Any]:
     return {
         "model": cfg.model.name, "method": cfg.method.name, "device": str(device),
         "batch_size": bs, "image_size": size, "precision": cfg.train.precision, "steps": steps,
-        "peak_memory_bytes": int(peak), "steady_peak_bytes": int(steady), "peak_kind": "cuda_max_allocated" if device.type == "cuda" else "peak_rss",
+        "peak_memory_bytes": int(peak), "steady_peak_bytes": int(steady),
+        "peak_kind": "cuda_max_allocated" if device.type == "cuda" else "peak_rss",
         "images_per_s": steps * bs / elapsed, "step_time_s": elapsed / steps,
         "budget_bytes": budget, "fits": peak <= budget, "state_bytes": state,
         "state_total_bytes": sum(state.values()), "full_finetune_state_bytes": _full_finetune_state_bytes(built.model),

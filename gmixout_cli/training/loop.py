@@ -133,9 +133,9 @@ def finetune(cfg: Config, run_dir: Path, console: Console, resume: bool = False)
     loader, sampler = make_train_loader(data.train, train_tf, t.batch_size, cfg.data.num_workers, t.seed,
                                         drop_last=len(data.train) > t.batch_size)
     total_steps = min(t.epochs * len(sampler), t.max_steps or math.inf)
+    note = f"; [yellow]skipped {skipped + skipped_ood} unreadable images[/]" if skipped + skipped_ood else ""
     console.print(f"[bold]data[/] {data.domain}: {len(data.train)} train / {len(data.val)} val images, "
-                  f"{len(data.classes)} classes ({data.split_source}); out-of-domain: {', '.join(ood) or 'none'}"
-                  + (f"; [yellow]skipped {skipped + skipped_ood} unreadable images[/]" if skipped + skipped_ood else ""))
+                  f"{len(data.classes)} classes ({data.split_source}); out-of-domain: {', '.join(ood) or 'none'}{note}")
 
     lp_acc = None
     if built.head_init == "linear_probe" and not resume:  # a resumed run's head comes from its checkpoint
