@@ -65,6 +65,9 @@ CASES = {
     "lora_conv": (TinyConv, "conv", ["conv1.weight", "conv2.weight"],
                   lambda m, t: PeftLoRA(m, t, "head", r=4, alpha=8, dropout=0.1, use_dora=False, lr=1e-2,
                                         head_lr=1e-2, weight_decay=1e-4)),
+    "mlae_conv": (TinyConv, "conv", ["conv1.weight", "conv2.weight"],
+                  lambda m, t: MLAE(m, t, "head", r=8, p=0.25, lr=1e-2, head_lr=1e-2, weight_decay=1e-4,
+                                    alpha=8)),
 }
 
 
@@ -160,8 +163,8 @@ def test_unsupported_targets_raise_user_error() -> None:
         PeftLoRA(TinyAttn(), ["attn.in_proj_weight"], "head", 4, 8, 0.0, True, 1e-3, 1e-3, 0.0)
     with pytest.raises(UserError, match="dw.weight"):
         PeftLoRA(TinyConv(), ["dw.weight"], "head", 8, 8, 0.0, False, 1e-3, 1e-3, 0.0)
-    with pytest.raises(UserError, match="conv1.weight"):
-        MLAE(TinyConv(), ["conv1.weight"], "head", 4, 0.5, 1e-3, 1e-3, 0.0)
+    with pytest.raises(UserError, match="dw.weight"):
+        MLAE(TinyConv(), ["dw.weight"], "head", 4, 0.5, 1e-3, 1e-3, 0.0)
     with pytest.raises(UserError, match="norm.weight"):
         PeftLoRA(TinyAttn(), ["norm.weight"], "head", 4, 8, 0.0, False, 1e-3, 1e-3, 0.0)
     with pytest.raises(UserError, match="nope"):
@@ -228,3 +231,33 @@ def test_method_state_roundtrip(key: str) -> None:
     tb, vb = mb.state_dict()
     assert values == vb and tensors.keys() == tb.keys()
     assert all(torch.equal(tensors[k], tb[k]) for k in tensors)
+
+
+@pytest.mark.parametrize("build", [
+    lambda m, t: PeftLoRA(m, t, "head", 4, 8, 0.0, False, 1e-3, 1e-3, 0.0, default_targets=True),
+    lambda m, t: MLAE(m, t, "head", 4, 0.5, 1e-3, 1e-3, 0.0, default_targets=True),
+], ids=["lora", "mlae"])
+def test_default_targets_leave_out_depthwise_and_say_so(build) -> None:
+    model = TinyConv()
+    method = build(model, ["conv1.weight", "dw.weight", "conv2.weight"])
+    assert method.targets == ["conv1.weight", "conv2.weight"]
+    assert method.summary()["grouped_convs_left_out"] == 1
+    assert not model.dw.weight.requires_grad
+
+
+def test_mlae_conv_update_is_peft_conv_lora() -> None:
+    """A conv kernel's update, reshaped from [out, in*kh*kw], acts as conv(A) followed by a 1x1 conv(B)."""
+    torch.manual_seed(0)
+    model = TinyConv()
+    w0 = model.conv1.weight.detach().clone()
+    method = MLAE(model, ["conv1.weight"], "head", r=4, p=0.0, lr=1e-3, head_lr=1e-3, weight_decay=0.0, alpha=8)
+    pm = method._params[0][2]
+    with torch.no_grad():
+        pm.B.normal_()
+        pm.c.uniform_(0.5, 1.5)
+    x = torch.randn(2, 3, 6, 6)
+    a = nn.functional.conv2d(x, pm.A.view(4, 3, 3, 3), padding=1)
+    expected = nn.functional.conv2d(x, w0, model.conv1.bias, padding=1) + 2.0 * nn.functional.conv2d(
+        a, (pm.B * pm.c).view(8, 4, 1, 1))
+    model.eval()
+    torch.testing.assert_close(model.conv1(x), expected, atol=1e-5, rtol=1e-5)

@@ -24,9 +24,10 @@ def make_method(cfg: Config, model: nn.Module, targets: list[str], head_prefix: 
     if m.name in ("lora", "dora"):
         alpha = m.alpha if m.alpha is not None else 2.0 * m.r
         return PeftLoRA(model, targets, head_prefix, m.r, alpha, m.lora_dropout, m.name == "dora", t.lr, head_lr,
-                        t.weight_decay)
+                        t.weight_decay, default_targets=cfg.model.targets is None)
     if m.name == "mlae":
-        return MLAE(model, targets, head_prefix, m.r, m.p, t.lr, head_lr, t.weight_decay, alpha=m.alpha)
+        return MLAE(model, targets, head_prefix, m.r, m.p, t.lr, head_lr, t.weight_decay, alpha=m.alpha,
+                    default_targets=cfg.model.targets is None)
     if cfg.method.name == "lp":
         return LinearProbe(model, head_prefix, head_lr, t.weight_decay)
     if cfg.method.name == "mixout":

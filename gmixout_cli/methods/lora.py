@@ -14,6 +14,9 @@ everything else is frozen and BatchNorm statistics stay fixed.
 back on their parents (peft's own unload path, the one `merge_and_unload` uses, including its special
 path for MultiheadAttention), so `model.state_dict()` has exactly the library's keys, in its order.
 
+With the model's default targets (`model.targets: null`), grouped/depthwise convolutions are left out
+and their number is shown in the run summary; named explicitly, they are refused.
+
 Unsupported (raised as UserError with the fix): DoRA on nn.MultiheadAttention (peft: "does not support DoRA
 yet"), grouped/depthwise convolutions (peft cannot merge them), attention modules with separate q/k/v
 weights, and parameters that are not a module's weight (cls tokens, position embeddings, norms).
@@ -62,6 +65,13 @@ def resolve_owners(model: nn.Module, targets: list[str], method: str) -> dict[st
     return owners
 
 
+def _grouped_conv(model: nn.Module, target: str) -> bool:
+    """Whether `target` is the weight of a grouped (e.g. depthwise) convolution."""
+    owner, _, leaf = target.rpartition(".")
+    module = model.get_submodule(owner) if owner else model
+    return leaf == "weight" and isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and module.groups > 1
+
+
 class PeftLoRA:
     """LoRA (or DoRA) adapters from peft on the target modules; head trains densely."""
 
@@ -77,6 +87,7 @@ class PeftLoRA:
         lr: float,
         head_lr: float,
         weight_decay: float,
+        default_targets: bool = False,
     ) -> None:
         from peft import LoraConfig, inject_adapter_in_model
 
@@ -89,6 +100,10 @@ class PeftLoRA:
         if in_head:
             raise UserError(f"{self.name} target {in_head[0]} is in the head ({head_prefix}), which trains densely; "
                             "drop it from model.targets")
+        self.skipped_grouped = 0
+        if default_targets:  # the model's default set (every conv): leave out what peft cannot merge, and say so
+            kept = [t for t in targets if not _grouped_conv(model, t)]
+            self.skipped_grouped, targets = len(targets) - len(kept), kept
         owners = resolve_owners(model, targets, self.name)
         for module_name, parts in owners.items():
             module = model.get_submodule(module_name)
@@ -192,6 +207,7 @@ class PeftLoRA:
             "r": self.r,
             "dora": self.use_dora,
             "targets": len(self.targets),
+            **({"grouped_convs_left_out": self.skipped_grouped} if self.skipped_grouped else {}),
             "adapter_entries": self._adapter_entries,
             "trainable_entries": self._adapter_entries + self._head_entries,
         }

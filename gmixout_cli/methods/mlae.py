@@ -9,7 +9,9 @@ During training m is expert-level dropout on the coefficient vector: one Bernoul
 training forward pass (shared by the whole batch), survivors scaled by 1/(1-p). In eval mode m = 1. The
 substitution is a `torch.nn.utils.parametrize` parametrization on the module that owns the weight (like
 mixout.py), so module forwards are untouched; it covers Linear weights, nn.MultiheadAttention's
-`in_proj_weight` and its `out_proj.weight`. Conv kernels are refused.
+`in_proj_weight` and its `out_proj.weight`, and ungrouped conv kernels [out, in, kh, kw], whose update is
+the rank-r matrix reshaped from [out, in*kh*kw] (the factorisation peft's conv LoRA uses). Grouped
+(depthwise) convs are refused when named, and left out (counted in the summary) of the model's default targets.
 
 The mask is drawn once per training forward of the whole model (a forward pre-hook counts forwards) and
 reused by every read of the weight within it: MultiheadAttention reads `in_proj_weight` several times per
@@ -46,7 +48,8 @@ class MLAEParametrization(nn.Module):
 
     def __init__(self, weight: torch.Tensor, r: int, p: float, scale: float, shared: _Shared) -> None:
         super().__init__()
-        out_features, in_features = weight.shape
+        out_features, in_features = weight.shape[0], weight[0].numel()
+        self.shape = weight.shape
         kw = {"dtype": weight.dtype, "device": weight.device}
         self.A = nn.Parameter(torch.empty(r, in_features, **kw))
         nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))  # LoRA's (and peft's) init of lora_A
@@ -72,7 +75,7 @@ class MLAEParametrization(nn.Module):
         return self.c
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        return weight + (self.B * self.coefficients()) @ self.A * self.scale
+        return weight + ((self.B * self.coefficients()) @ self.A * self.scale).view(self.shape)
 
 
 class MLAE:
@@ -91,6 +94,7 @@ class MLAE:
         head_lr: float,
         weight_decay: float,
         alpha: float | None = None,
+        default_targets: bool = False,
     ) -> None:
         if not 0.0 <= p < 1.0:
             raise ValueError(f"mlae p must be in [0, 1), got {p}")
@@ -108,6 +112,10 @@ class MLAE:
             raise UserError(f"mlae targets not among the model's parameters: {', '.join(missing[:5])}; "
                             "fix model.targets")
         self.targets = list(dict.fromkeys(targets))
+        self.skipped_grouped = 0
+        if default_targets:  # the model's default set: depthwise convs have no low-rank form here, say so
+            kept = [t for t in self.targets if not _grouped_conv(*_owner(model, t))]
+            self.skipped_grouped, self.targets = len(self.targets) - len(kept), kept
         for name in self.targets:
             module, attr = _owner(model, name)
             if name in head:
@@ -115,10 +123,12 @@ class MLAE:
                                 "drop it from model.targets")
             linear_like = (isinstance(module, nn.Linear) and attr == "weight") or (
                 isinstance(module, nn.MultiheadAttention) and attr == "in_proj_weight")
-            if not linear_like or params[name].ndim != 2:
+            conv = isinstance(module, nn.Conv2d) and attr == "weight" and module.groups == 1
+            if not (linear_like and params[name].ndim == 2) and not conv:
                 raise UserError(
-                    f"mlae cannot adapt target {name} ({type(module).__name__}.{attr}): only Linear weights and "
-                    "nn.MultiheadAttention in_proj_weight are supported (no conv kernels); drop it from model.targets")
+                    f"mlae cannot adapt target {name} ({type(module).__name__}.{attr}): only Linear weights, "
+                    "nn.MultiheadAttention in_proj_weight and ungrouped Conv2d kernels are supported; "
+                    "drop it from model.targets")
         for param in params.values():
             param.requires_grad_(False)
         self._orders = param_orders(model)
@@ -181,6 +191,7 @@ class MLAE:
             "r": self.r,
             "p": self.p,
             "targets": len(self.targets),
+            **({"grouped_convs_left_out": self.skipped_grouped} if self.skipped_grouped else {}),
             "adapter_entries": self._adapter_entries,
             "trainable_entries": self._adapter_entries + self._head_entries,
         }
@@ -201,6 +212,10 @@ class MLAE:
                 for key in ("A", "B", "c"):
                     getattr(pm, key).copy_(tensors[f"{name}.{key}"])
         self.shared.draw = int(values.get("draw", 0))
+
+
+def _grouped_conv(module: nn.Module, attr: str) -> bool:
+    return attr == "weight" and isinstance(module, nn.Conv2d) and module.groups > 1
 
 
 def _owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:
