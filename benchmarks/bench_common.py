@@ -1,0 +1,49 @@
+"""Provenance shared by the benchmark scripts: device, git commit, library versions, free file names."""
+
+from __future__ import annotations
+
+import platform
+import subprocess
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def git_head() -> str | None:
+    """HEAD's hash, with '-dirty' when tracked files differ from it."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True, check=True).stdout.strip()
+        return head + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def next_free(path: Path) -> Path:
+    """`path`, or path_2, path_3, ... : a second run on the same day must not overwrite the first."""
+    n = 1
+    candidate = path
+    while candidate.exists():
+        n += 1
+        candidate = path.with_name(f"{path.stem}_{n}{path.suffix}")
+    return candidate
+
+
+def versions(modules: tuple[str, ...] = ("triton", "open_clip", "peft", "timm")) -> dict[str, str | None]:
+    out: dict[str, str | None] = {"torch": torch.__version__, "python": platform.python_version()}
+    for mod in modules:
+        try:
+            out[mod] = __import__(mod).__version__
+        except Exception:  # noqa: BLE001 - a missing optional package is just recorded
+            out[mod] = None
+    return out

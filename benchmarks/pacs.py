@@ -1,0 +1,250 @@
+"""PACS robustness benchmark: every method with the same budget, lr chosen on crossval, several seeds.
+
+    # the CPU run committed in benchmarks/results (EfficientNet-Lite0, photo as source, 128 px)
+    python benchmarks/pacs.py --backbone efficientnet_lite0 --sources photo
+    # all four sources, both backbones (a GPU: add train.epochs etc. to taste)
+    python benchmarks/pacs.py --backbone mobilenet_v2 --sources photo,art_painting,cartoon,sketch --epochs 5
+
+Protocol (README of ../shared/data/pacs): train on the source's official train list, select on its
+crossval list, report in-domain top-1 on its official test list and top-1 on every image of each other
+domain, plus their mean. Note that PACS's `<domain>_test_kfold.txt` is train + crossval, so the in-domain
+test number includes the training images; the crossval column is the held-out in-domain figure (it is
+also what selected the learning rate).
+
+Per method: the learning-rate grid runs with seed 0 and the value with the best crossval top-1 is kept
+(ties: the first in the grid); that run is seed 0 of the final set, and seeds 1.. rerun it. Every run
+goes through the tool itself (`gmixout_cli.training.finetune`, the method's own recipe values as
+overrides), and is scored from its exported dense `model.safetensors` rebuilt by `load_classifier`.
+WiSE-FT is a curve: each final `lpft` run interpolated with its start (pretrained backbone + linear-probe
+head, the convnet analogue of the zero-shot model) at --alphas; the table's WiSE-FT row picks alpha on
+crossval per seed.
+
+Runs live under --work (default runs/pacs-bench/) and are reused when complete, so an interrupted
+benchmark continues where it stopped. Output: benchmarks/results/pacs_<backbone>_<source>.{json,md,png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench_common import ROOT, device_name, git_head, versions  # noqa: E402
+from pacs_report import write_report  # noqa: E402
+
+from gmixout_cli.config import config_to_dict, load_config  # noqa: E402
+from gmixout_cli.data import build_transform, load_domain, load_eval_domain, make_loader  # noqa: E402
+from gmixout_cli.merge import initial_state, interpolate, load_weights  # noqa: E402
+from gmixout_cli.models import load_classifier  # noqa: E402
+from gmixout_cli.training import finetune  # noqa: E402
+from gmixout_cli.utils.io import write_json, write_yaml  # noqa: E402
+
+# method -> (overrides on the backbone's gmixout recipe, grid key, CPU grid). Every method but `full`
+# starts from the linear-probe head GMixout uses (head_init auto); `full` is the plain baseline (zero head).
+METHODS: dict[str, tuple[list[str], str, list[float]]] = {
+    "full": (["method.name=full", "model.head_init=zero"], "train.lr", [1e-4, 3e-4]),
+    "lp": (["method.name=lp", "train.lr=0"], "train.head_lr", [1e-3, 1e-2]),
+    "lpft": (["method.name=lpft", "train.head_lr=null"], "train.lr", [3e-5, 1e-4]),
+    "lora": (["method.name=lora", "method.r=8", "method.alpha=16"], "train.lr", [3e-4, 1e-3]),
+    "dora": (["method.name=dora", "method.r=8", "method.alpha=16"], "train.lr", [3e-4, 1e-3]),
+    "mlae": (["method.name=mlae", "method.r=8", "method.alpha=8", "method.p=0.5"], "train.lr", [3e-4, 1e-3]),
+    "mixout": (["method.name=mixout", "method.p=0.9"], "train.lr", [3e-5, 1e-4]),
+    "randmask": (["method.name=randmask", "method.p=0.9", "method.episodes=1", "method.lam=0"], "train.lr",
+                 [1e-4, 3e-4]),
+    "gmixout": (["method.name=gmixout"], "train.lr", [1e-4, 3e-4]),
+}
+ALPHAS = [0.0, 0.25, 0.5, 0.75, 1.0]
+
+
+class EvalSets:
+    """The source's crossval and test lists and every other domain, decoded once per image size."""
+
+    def __init__(self, data_root: Path, source: str, workers: int) -> None:
+        cfg = load_config(None, [f"data.root={data_root / source}"])
+        self.data = load_domain(cfg.data)
+        self.items = {"crossval": self.data.val, "test": test_items(data_root, source, self.data.classes)}
+        self.ood = sorted(d.name for d in data_root.iterdir()
+                          if d.is_dir() and d.name not in (source, "splits") and not d.name.startswith("."))
+        for name in self.ood:
+            self.items[name] = load_eval_domain(self.data, name)
+        self.workers = workers
+        self._cache: dict[tuple, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
+
+    def tensors(self, size: int, mean: list[float], std: list[float]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        key = (size, tuple(mean), tuple(std))
+        if key not in self._cache:
+            tf = build_transform(size, mean, std, train=False)
+            self._cache[key] = {}
+            for name, items in self.items.items():
+                xs, ys = zip(*make_loader(items, tf, 256, False, self.workers, 0))
+                self._cache[key][name] = (torch.cat(xs), torch.cat(ys))
+        return self._cache[key]
+
+    @torch.no_grad()
+    def score(self, model: torch.nn.Module, meta: dict[str, str]) -> dict[str, Any]:
+        """crossval, test, each other domain and their mean (top-1 fractions)."""
+        model.eval()
+        sets = self.tensors(int(meta["image_size"]), json.loads(meta["mean"]), json.loads(meta["std"]))
+        acc = {}
+        for name, (x, y) in sets.items():
+            correct = sum((model(x[i:i + 256]).argmax(1) == y[i:i + 256]).sum().item() for i in range(0, len(y), 256))
+            acc[name] = correct / len(y)
+        ood = {d: acc[d] for d in self.ood}
+        return {"crossval": acc["crossval"], "test": acc["test"], "ood": ood, "ood_mean": sum(ood.values()) / len(ood)}
+
+
+def test_items(data_root: Path, source: str, classes: list[str]) -> list[tuple[Path, int]]:
+    """The official `<source>_test*.txt` list, labels checked against the class-folder order."""
+    lists = sorted((data_root / "splits").glob(f"{source}_test*.txt"))
+    if len(lists) != 1:
+        raise SystemExit(f"pacs: expected one {source}_test*.txt in {data_root / 'splits'}, found {len(lists)}")
+    items = []
+    for line in lists[0].read_text().splitlines():
+        if not line.strip():
+            continue
+        rel, label = line.rsplit(maxsplit=1)
+        cls = Path(rel).parts[-2]
+        if classes.index(cls) != int(label) - 1:
+            raise SystemExit(f"pacs: {lists[0]} labels {rel} as {label}, but its folder is class {cls}")
+        items.append((data_root / rel, int(label) - 1))
+    return items
+
+
+def train_run(args: argparse.Namespace, source: str, method: str, value: float, seed: int) -> Path:
+    """One tool run (reused when complete); returns its folder."""
+    overrides, key, _ = METHODS[method]
+    name = f"{args.backbone}-{source}-{method}-{key.split('.')[-1]}{value:g}-e{args.epochs}-s{seed}"
+    run_dir = args.work / name
+    if (run_dir / "results.json").is_file():
+        return run_dir
+    shutil.rmtree(run_dir, ignore_errors=True)  # a run cut off midway starts again
+    run_dir.mkdir(parents=True)
+    cfg = load_config(f"gmixout_{args.backbone}", overrides + [
+        f"data.root={args.data / source}", "data.ood=[]", f"data.image_size={args.image_size}",
+        f"data.num_workers={args.workers}", f"train.epochs={args.epochs}", f"train.batch_size={args.batch_size}",
+        f"train.seed={seed}", f"{key}={value}", *args.set])
+    write_yaml(run_dir / "config.yaml", config_to_dict(cfg))
+    t0 = time.perf_counter()
+    with open(run_dir / "log.txt", "w") as log:
+        finetune(cfg, run_dir, Console(file=log, width=120))
+    print(f"  {name}: {time.perf_counter() - t0:.0f} s", flush=True)
+    return run_dir
+
+
+def scored(sets: EvalSets, run_dir: Path) -> dict[str, Any]:
+    """The run's scores from its exported model (cached in the run folder)."""
+    path = run_dir / "pacs_scores.json"
+    if not path.is_file():
+        model, meta = load_classifier(run_dir / "model.safetensors")
+        write_json(path, sets.score(model, meta))
+    return json.loads(path.read_text())
+
+
+def wise_curve(sets: EvalSets, run_dir: Path) -> list[dict[str, Any]]:
+    """Scores of the run interpolated with its start at every alpha (cached)."""
+    path = run_dir / "pacs_wise.json"
+    if not path.is_file():
+        tuned, meta = load_weights(run_dir / "model.safetensors")
+        base = initial_state(run_dir, meta)
+        model, _ = load_classifier(run_dir / "model.safetensors")
+        curve = []
+        for alpha in ALPHAS:
+            model.load_state_dict(interpolate(base, tuned, alpha))
+            curve.append({"alpha": alpha, **sets.score(model, meta)})
+        write_json(path, curve)
+    return json.loads(path.read_text())
+
+
+def bench_source(args: argparse.Namespace, source: str, methods: list[str], started: float) -> Path:
+    sets = EvalSets(args.data, source, args.workers)
+    records: list[dict[str, Any]] = []
+    selection: dict[str, dict[str, Any]] = {}
+    for method in methods:  # phase 1: the grid, seed 0, selected on crossval
+        _, key, grid = METHODS[method]
+        grid = args.grid.get(method, grid)
+        crossval = {}
+        for value in grid:
+            run_dir = train_run(args, source, method, value, args.seeds[0])
+            crossval[value] = json.loads((run_dir / "results.json").read_text())["id"][source]
+        best = max(grid, key=lambda v: (crossval[v], -grid.index(v)))
+        selection[method] = {"key": key, "grid": grid, "crossval": {f"{v:g}": a for v, a in crossval.items()},
+                             "selected": best}
+    wise: list[dict[str, Any]] = []
+    for seed in args.seeds:  # phase 2: every method at its selected value, seed by seed
+        for method in methods:
+            run_dir = train_run(args, source, method, selection[method]["selected"], seed)
+            results = json.loads((run_dir / "results.json").read_text())
+            records.append({"method": method, "seed": seed, "value": selection[method]["selected"],
+                            **scored(sets, run_dir), "train_time_s": results["train_time_s"],
+                            "steps": results["steps"], "summary": results["method_summary"]})
+            if method == "lpft" and not args.no_wise:
+                wise.append({"seed": seed, "curve": wise_curve(sets, run_dir)})
+    report = {
+        "benchmark": "pacs", "backbone": args.backbone, "source": source, "ood_domains": sets.ood,
+        "device": device_name(torch.device("cpu")), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+        "git_commit": args.commit, "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "versions": versions(("timm", "peft", "torchvision")),
+        "settings": {"epochs": args.epochs, "image_size": args.image_size, "batch_size": args.batch_size,
+                     "seeds": args.seeds, "extra_overrides": args.set, "recipe": f"gmixout_{args.backbone}",
+                     "method_overrides": {m: METHODS[m][0] for m in methods}},
+        "sizes": {name: len(items) for name, items in sets.items.items()},
+        "selection": selection, "runs": records, "wise_ft_lpft": wise,
+        "wall_time_s": time.perf_counter() - started,
+    }
+    return write_report(report, args.out / f"pacs_{args.backbone}_{source}")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    ap.add_argument("--backbone", default="efficientnet_lite0", choices=["efficientnet_lite0", "mobilenet_v2"])
+    ap.add_argument("--sources", default="photo", help="comma-separated source domains")
+    ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(METHODS))
+    ap.add_argument("--seeds", default="0,1,2", help="comma-separated; the first also runs the lr grid")
+    ap.add_argument("--grid", action="append", default=[], metavar="METHOD=V1,V2",
+                    help="replace a method's grid, e.g. --grid gmixout=1e-4,3e-4 (repeatable)")
+    ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--image-size", type=int, default=128)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="extra override for every run (part of the run name's budget: keep it fixed)")
+    ap.add_argument("--no-wise", action="store_true", help="skip the WiSE-FT curve")
+    ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "pacs")
+    ap.add_argument("--work", type=Path, default=ROOT / "runs" / "pacs-bench")
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    args = ap.parse_args(argv)
+    args.seeds = [int(s) for s in args.seeds.split(",")]
+    args.grid = {m: [float(v) for v in vals.split(",")] for m, vals in (g.split("=", 1) for g in args.grid)}
+    unknown = [m for m in args.methods.split(",") + list(args.grid) if m not in METHODS]
+    if unknown:
+        ap.error(f"unknown method(s) {', '.join(unknown)}: choose from {', '.join(METHODS)}")
+    if not (args.data / "splits").is_dir():
+        ap.error(f"{args.data} has no splits/ folder: point --data at the PACS folder (with its split lists)")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    args.commit = git_head()  # at the start: the code that trained, even if the tree moves on meanwhile
+    started = time.perf_counter()
+    for source in args.sources.split(","):
+        print(f"pacs: {args.backbone}, source {source}", flush=True)
+        stem = bench_source(args, source, args.methods.split(","), started)
+        print(f"pacs: wrote {stem}.json, .md, .png", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

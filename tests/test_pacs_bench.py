@@ -1,0 +1,82 @@
+"""benchmarks/pacs.py end to end on a tiny PACS-shaped tree, and its summary arithmetic."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import COLORS, write_domains
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+pacs = importlib.import_module("pacs")
+report = importlib.import_module("pacs_report")
+
+
+def _pacs_like(root: Path) -> Path:
+    """Three domains with PACS-format split lists (train / crossval, test = both)."""
+    write_domains(root, ("photo", "sketch", "cartoon"), per_class=6, size=32)
+    (root / "splits").mkdir()
+    for domain in ("photo", "sketch", "cartoon"):
+        lines = {"train": [], "crossval": []}
+        for label, name in enumerate(sorted(COLORS), start=1):
+            for i in range(6):
+                lines["train" if i < 4 else "crossval"].append(f"{domain}/{name}/{i:03d}.png {label}")
+        lines["test"] = lines["train"] + lines["crossval"]
+        for split, rows in lines.items():
+            (root / "splits" / f"{domain}_{split}_kfold.txt").write_text("\n".join(rows) + "\n")
+    return root
+
+
+def test_pacs_benchmark_end_to_end(tmp_path: Path) -> None:
+    data = _pacs_like(tmp_path / "pacs")
+    argv = ["--methods", "lp,lpft,gmixout", "--seeds", "0,1", "--grid", "lpft=1e-4,1e-3", "--epochs", "1",
+            "--image-size", "32", "--batch-size", "6", "--workers", "0", "--data", str(data),
+            "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out")]
+    assert pacs.main(argv) == 0
+    out = json.loads((tmp_path / "out" / "pacs_efficientnet_lite0_photo.json").read_text())
+    assert out["ood_domains"] == ["cartoon", "sketch"]
+    assert out["sizes"] == {"crossval": 6, "test": 18, "cartoon": 18, "sketch": 18}
+    sel = out["selection"]["lpft"]
+    assert set(sel["crossval"]) == {"0.0001", "0.001"} and sel["selected"] in (1e-4, 1e-3)
+    best = max(sel["crossval"].values())
+    assert sel["crossval"][f"{sel['selected']:g}"] == best  # chosen on crossval
+    assert sorted((r["method"], r["seed"]) for r in out["runs"]) == sorted(
+        (m, s) for m in ("lp", "lpft", "gmixout") for s in (0, 1))
+    for r in out["runs"]:
+        assert 0.0 <= r["ood_mean"] <= 1.0 and set(r["ood"]) == {"cartoon", "sketch"}
+        assert r["ood_mean"] == pytest.approx(sum(r["ood"].values()) / 2)
+    assert [p["alpha"] for p in out["wise_ft_lpft"][0]["curve"]] == pacs.ALPHAS
+    lpft_seed0 = next(r for r in out["runs"] if r["method"] == "lpft" and r["seed"] == 0)
+    assert out["wise_ft_lpft"][0]["curve"][-1]["test"] == lpft_seed0["test"]  # alpha = 1 is the run itself
+    assert set(out["summary"]) == {"lp", "lpft", "gmixout", "wise-ft (lpft)"}
+    assert out["summary"]["gmixout"]["ood_mean"]["n"] == 2
+    md = (tmp_path / "out" / "pacs_efficientnet_lite0_photo.md").read_text()
+    assert "| gmixout |" in md and "| wise-ft (lpft) | α on crossval |" in md
+    assert (tmp_path / "out" / "pacs_efficientnet_lite0_photo.png").stat().st_size > 1000
+
+    # a second invocation reuses every finished run instead of training again
+    models = sorted((tmp_path / "work").glob("*/model.safetensors"))
+    stamps = [p.stat().st_mtime_ns for p in models]
+    assert pacs.main(argv) == 0
+    assert [p.stat().st_mtime_ns for p in models] == stamps
+
+
+def test_summary_mean_std_and_wise_selection() -> None:
+    def run(method: str, seed: int, test: float, ood: tuple[float, float]) -> dict:
+        return {"method": method, "seed": seed, "test": test, "crossval": test, "ood": dict(zip("ab", ood)),
+                "ood_mean": sum(ood) / 2}
+
+    curve = [{"alpha": a, "test": 0.9, "crossval": c, "ood": {"a": 0.5, "b": 0.5}, "ood_mean": 0.5 + a / 10}
+             for a, c in ((0.0, 0.7), (0.5, 0.8), (1.0, 0.8))]
+    rep = {"runs": [run("full", 0, 0.90, (0.4, 0.6)), run("full", 1, 0.80, (0.6, 0.8))],
+           "wise_ft_lpft": [{"seed": 0, "curve": curve}]}
+    s = report.summarise(rep)
+    assert s["full"]["test"]["mean"] == pytest.approx(85.0)
+    assert s["full"]["test"]["std"] == pytest.approx(7.0710678)  # sample std of 90, 80
+    assert s["full"]["ood_mean"]["mean"] == pytest.approx(60.0)
+    assert report.wise_selected(curve)["alpha"] == 1.0  # crossval tie: the larger alpha
+    assert s["wise-ft (lpft)"]["ood_mean"]["mean"] == pytest.approx(60.0) and s["wise-ft (lpft)"]["test"]["n"] == 1
