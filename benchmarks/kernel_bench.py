@@ -15,9 +15,7 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -26,6 +24,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_common import device_name, git_head  # noqa: E402
+
 from gmixout_cli.kernels import masks, sparse_adamw, sparse_ops  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -101,8 +102,8 @@ def main() -> None:
                       for key in next(iter(per_shape.values())) if key.endswith("_s")}
             records.append({"arch": arch, "p": p, "blocks": blocks, "per_shape": per_shape, "model_totals_s": totals})
             print(arch, p, {k: f"{v * 1e3:.2f} ms" for k, v in totals.items()})
-    name = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({platform.machine()})"
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
+    name = device_name(device)
+    commit = git_head()
     result = {
         "benchmark": "kernel_bench", "device": name, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
         "git_commit": commit, "command": " ".join(["python", "benchmarks/kernel_bench.py", *sys.argv[1:]]),

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import hashlib
 import json
 import shutil
 import sys
@@ -125,6 +126,8 @@ def train_run(args: argparse.Namespace, source: str, method: str, value: float, 
     """One tool run (reused when complete); returns its folder."""
     overrides, key, _ = METHODS[method]
     name = f"{args.backbone}-{source}-{method}-{key.split('.')[-1]}{value:g}-e{args.epochs}-s{seed}"
+    if args.set:  # extra overrides change the run: they are part of its cache key
+        name += "-x" + hashlib.sha1("\n".join(args.set).encode()).hexdigest()[:8]
     run_dir = args.work / name
     if (run_dir / "results.json").is_file():
         return run_dir

@@ -41,10 +41,8 @@ import datetime
 import fnmatch
 import gc
 import json
-import platform
 import re
 import statistics
-import subprocess
 import sys
 import time
 import traceback
@@ -57,6 +55,9 @@ from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from bench_common import device_name, git_head, next_free, versions  # noqa: E402
 
 from gmixout_cli.training.schedule import make_scheduler  # noqa: E402
 from gmixout_cli.utils.memory import current_rss_bytes, peak_rss_since_reset, reset_peak_rss  # noqa: E402
@@ -355,40 +356,6 @@ def add_ratios(records: list[dict[str, Any]]) -> None:
 
 
 # -- the run -----------------------------------------------------------------------------------
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)"
-
-
-def git_head() -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
-def next_free(path: Path) -> Path:
-    """`path`, or path_2, path_3, ... : a second run on the same day must not overwrite the first."""
-    n = 1
-    candidate = path
-    while candidate.exists():
-        n += 1
-        candidate = path.with_name(f"{path.stem}_{n}{path.suffix}")
-    return candidate
-
-
-def versions() -> dict[str, str | None]:
-    out: dict[str, str | None] = {"torch": torch.__version__, "python": platform.python_version()}
-    for mod in ("triton", "open_clip", "peft"):
-        try:
-            out[mod] = __import__(mod).__version__
-        except Exception:  # noqa: BLE001 - a missing optional package is just recorded
-            out[mod] = None
-    return out
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -422,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     result: dict[str, Any] = {
         "benchmark": "step_bench", "device": dev, "date": now.isoformat(), "git_commit": git_head(),
-        "command": " ".join([Path(sys.executable).name, *sys.argv]), **versions(),
+        "command": " ".join([Path(sys.executable).name, *sys.argv]), **versions(("triton", "open_clip", "peft")),
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "records": [],
     }
