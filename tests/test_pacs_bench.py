@@ -80,3 +80,20 @@ def test_summary_mean_std_and_wise_selection() -> None:
     assert s["full"]["ood_mean"]["mean"] == pytest.approx(60.0)
     assert report.wise_selected(curve)["alpha"] == 1.0  # crossval tie: the larger alpha
     assert s["wise-ft (lpft)"]["ood_mean"]["mean"] == pytest.approx(60.0) and s["wise-ft (lpft)"]["test"]["n"] == 1
+
+
+def test_pacs_sweep_scores_variants_on_crossval(tmp_path: Path) -> None:
+    sweep = importlib.import_module("pacs_sweep")
+    data = _pacs_like(tmp_path / "pacs")
+    argv = ["--source", "photo", "--variants", "default,p=0.7", "--epochs", "1", "--image-size", "32",
+            "--batch-size", "6", "--workers", "0", "--data", str(data), "--work", str(tmp_path / "work"),
+            "--out", str(tmp_path / "out")]
+    assert sweep.main(argv) == 0
+    out = json.loads((tmp_path / "out" / "pacs_sweep_efficientnet_lite0_photo.json").read_text())
+    assert list(out["variants"]) == ["default", "p=0.7"] and out["selection_split"] == "crossval"
+    runs = sorted(p.name for p in (tmp_path / "work").iterdir())
+    assert len(runs) == 2 and sum("-x" in r for r in runs) == 1  # the variant's overrides key its own run
+    cfg = (tmp_path / "work" / next(r for r in runs if "-x" in r) / "config.yaml").read_text()
+    assert "p: 0.7" in cfg
+    for row in out["variants"].values():
+        assert 0.0 <= row["mean"] <= 1.0 and set(row["crossval"]) == {"0"}
