@@ -116,6 +116,28 @@ def test_profile_reports_memory_and_budget(domains: Path) -> None:
     assert json.loads(tight.stdout.strip().splitlines()[-1])["fits"] is False
 
 
+def test_profile_reports_out_of_memory_as_does_not_fit(monkeypatch: pytest.MonkeyPatch) -> None:
+    from gmixout_cli.training.loop import Trainer
+
+    calls = {"n": 0}
+    real_step = Trainer.train_step
+
+    def step_then_oom(self, x, y):  # the warm-up fits, the first timed step does not
+        calls["n"] += 1
+        if calls["n"] > 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_step(self, x, y)
+
+    monkeypatch.setattr(Trainer, "train_step", step_then_oom)
+    as_json = runner.invoke(app, ["profile", "--json", "--steps", "1", *TINY])
+    assert as_json.exit_code == 0, as_json.output + repr(as_json.exception)
+    report = json.loads(as_json.stdout.strip().splitlines()[-1])
+    assert report["oom"] is True and report["fits"] is False
+    calls["n"] = 0
+    table = runner.invoke(app, ["profile", "--steps", "1", *TINY])
+    assert table.exit_code == 0 and "does not fit" in table.output and "train.micro_batch_size=4" in table.output
+
+
 def test_recipes_and_cp(tmp_path: Path) -> None:
     listed = runner.invoke(app, ["recipes"])
     assert listed.exit_code == 0 and "quickstart" in listed.output and "gmixout" in listed.output

@@ -42,13 +42,20 @@ def profile(
     """
     from gmixout_cli.config import load_config
     from gmixout_cli.profiling import profile as run_profile
-    from gmixout_cli.utils.memory import oom_advice
+    from gmixout_cli.utils.memory import oom_advice, oom_knobs
 
     cfg = load_config(recipe, overrides or [], {"model.name": model, "data.root": data})
-    with oom_advice(cfg.train.batch_size, cfg.train.micro_batch_size):
+    with oom_advice(cfg.train.batch_size, cfg.train.micro_batch_size):  # OOM while building the model
         report = run_profile(cfg, steps, budget)
     if as_json:
         print(json.dumps(report))
+        return
+    if report["oom"]:
+        device_mem = report["device_memory_bytes"]
+        on = f"this device's {_gib(device_mem)}" if device_mem else "this device's memory"
+        console.print(f"[red]does not fit[/]: {report['model']} / {report['method']}, batch {report['batch_size']} x "
+                      f"{report['image_size']} px ran out of {on} (budget {_gib(report['budget_bytes'])}): "
+                      + oom_knobs(cfg.train.batch_size, cfg.train.micro_batch_size))
         return
     table = Table(title=f"profile: {report['model']} / {report['method']} on {report['device']}")
     table.add_column("what")

@@ -34,7 +34,8 @@ def profile(cfg: Config, steps: int, budget_gb: float) -> dict[str, Any]:
     """Run `steps` timed optimizer steps (after one warm-up) on synthetic batches of the recipe's shape.
 
     `peak_memory_bytes` covers the whole process (model building included) and decides the budget;
-    `steady_peak_bytes` covers the timed steps alone.
+    `steady_peak_bytes` covers the timed steps alone. Running out of device memory in the steps is an
+    answer, not a failure: `oom: true, fits: false`.
 
     Image content does not change time or memory, so random tensors stand in for data; the class
     count comes from the recipe's data when given.
@@ -52,6 +53,22 @@ def profile(cfg: Config, steps: int, budget_gb: float) -> dict[str, Any]:
     trainer = make_trainer(cfg, built, device, total_steps=steps + 1)
     x = torch.randn(bs, 3, size, size)
     y = torch.randint(0, len(classes), (bs,))
+    common = {"model": cfg.model.name, "method": cfg.method.name, "device": str(device), "batch_size": bs,
+              "image_size": size, "precision": cfg.train.precision, "steps": steps,
+              "budget_bytes": int(budget_gb * 1024**3),
+              "full_finetune_state_bytes": _full_finetune_state_bytes(built.model)}
+    try:
+        measured = _measure(trainer, x, y, steps, device, common["budget_bytes"])
+    except torch.OutOfMemoryError:  # an answer, not a failure: this setting does not fit this device
+        total = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
+        return dict(common, oom=True, fits=False, device_memory_bytes=total)
+    return dict(common, **measured, method_summary=trainer.method.summary())  # after the first episode began
+
+
+def _measure(trainer: Any, x: torch.Tensor, y: torch.Tensor, steps: int, device: torch.device,
+             budget: int) -> dict[str, Any]:
+    """Warm-up step, then `steps` timed steps: peaks, throughput, state."""
+    bs = x.shape[0]
     trainer.train_step(x, y)  # warm-up: allocator, lazy optimizer state, kernel selection
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -69,14 +86,9 @@ def profile(cfg: Config, steps: int, budget_gb: float) -> dict[str, Any]:
     steady = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else peak_rss_since_reset()
     peak = max(start_peak, steady)
     state = _state_bytes(trainer)
-    budget = int(budget_gb * 1024**3)
     return {
-        "model": cfg.model.name, "method": cfg.method.name, "device": str(device),
-        "batch_size": bs, "image_size": size, "precision": cfg.train.precision, "steps": steps,
-        "peak_memory_bytes": int(peak), "steady_peak_bytes": int(steady),
+        "oom": False, "peak_memory_bytes": int(peak), "steady_peak_bytes": int(steady),
         "peak_kind": "cuda_max_allocated" if device.type == "cuda" else "peak_rss",
         "images_per_s": steps * bs / elapsed, "step_time_s": elapsed / steps,
-        "budget_bytes": budget, "fits": peak <= budget, "state_bytes": state,
-        "state_total_bytes": sum(state.values()), "full_finetune_state_bytes": _full_finetune_state_bytes(built.model),
-        "method_summary": trainer.method.summary(),
+        "fits": peak <= budget, "state_bytes": state, "state_total_bytes": sum(state.values()),
     }

@@ -79,9 +79,14 @@ def oom_advice(batch_size: int, micro_batch_size: int | None) -> Iterator[None]:
     try:
         yield
     except torch.OutOfMemoryError:
-        micro = max(1, (micro_batch_size or batch_size) // 2)
         raise UserError(
-            f"out of GPU memory (batch {batch_size}, micro-batch {micro_batch_size or batch_size}): try, in order, "
-            f"train.micro_batch_size={micro} (same results, gradient accumulation), train.grad_checkpointing=true, "
-            "train.precision=bf16, a higher method.p; check a setting first with `gmixout profile`"
+            f"out of GPU memory (batch {batch_size}, micro-batch {micro_batch_size or batch_size}): "
+            f"{oom_knobs(batch_size, micro_batch_size)}; check a setting first with `gmixout profile`"
         ) from None
+
+
+def oom_knobs(batch_size: int, micro_batch_size: int | None) -> str:
+    """The settings that lower peak memory, most effective first."""
+    micro = max(1, (micro_batch_size or batch_size) // 2)
+    return (f"try, in order, train.micro_batch_size={micro} (same results, gradient accumulation), "
+            "train.grad_checkpointing=true, train.precision=bf16, a higher method.p")
