@@ -65,7 +65,7 @@ METHODS: dict[str, tuple[list[str], str, list[float]]] = {
                  [1e-4, 3e-4]),
     "gmixout": (["method.name=gmixout"], "train.lr", [1e-4, 3e-4]),
 }
-ALPHAS = [0.0, 0.25, 0.5, 0.75, 1.0]
+ALPHAS = [0.0, 0.5, 1.0]  # alpha = 1 is the run itself (its scores are reused)
 
 
 class EvalSets:
@@ -96,10 +96,15 @@ class EvalSets:
     def score(self, model: torch.nn.Module, meta: dict[str, str]) -> dict[str, Any]:
         """crossval, test, each other domain and their mean (top-1 fractions)."""
         model.eval()
+        # channels-last: ~2x faster CPU inference for these convnets; the loaded copy is only scored here
+        model = model.to(memory_format=torch.channels_last)
         sets = self.tensors(int(meta["image_size"]), json.loads(meta["mean"]), json.loads(meta["std"]))
         acc = {}
         for name, (x, y) in sets.items():
-            correct = sum((model(x[i:i + 256]).argmax(1) == y[i:i + 256]).sum().item() for i in range(0, len(y), 256))
+            correct = 0
+            for i in range(0, len(y), 256):
+                batch = x[i:i + 256].contiguous(memory_format=torch.channels_last)
+                correct += (model(batch).argmax(1) == y[i:i + 256]).sum().item()
             acc[name] = correct / len(y)
         ood = {d: acc[d] for d in self.ood}
         return {"crossval": acc["crossval"], "test": acc["test"], "ood": ood, "ood_mean": sum(ood.values()) / len(ood)}
@@ -122,8 +127,8 @@ def test_items(data_root: Path, source: str, classes: list[str]) -> list[tuple[P
     return items
 
 
-def train_run(args: argparse.Namespace, source: str, method: str, value: float, seed: int) -> Path:
-    """One tool run (reused when complete); returns its folder."""
+def train_run(args: argparse.Namespace, source: str, method: str, value: float, seed: int) -> Path | None:
+    """One tool run (reused when complete); returns its folder (None: not run, under --report-only)."""
     overrides, key, _ = METHODS[method]
     name = f"{args.backbone}-{source}-{method}-{key.split('.')[-1]}{value:g}-e{args.epochs}-s{seed}"
     if args.set:  # extra overrides change the run: they are part of its cache key
@@ -131,6 +136,8 @@ def train_run(args: argparse.Namespace, source: str, method: str, value: float, 
     run_dir = args.work / name
     if (run_dir / "results.json").is_file():
         return run_dir
+    if getattr(args, "report_only", False):
+        return None
     shutil.rmtree(run_dir, ignore_errors=True)  # a run cut off midway starts again
     run_dir.mkdir(parents=True)
     cfg = load_config(f"gmixout_{args.backbone}", overrides + [
@@ -163,6 +170,9 @@ def wise_curve(sets: EvalSets, run_dir: Path) -> list[dict[str, Any]]:
         model, _ = load_classifier(run_dir / "model.safetensors")
         curve = []
         for alpha in ALPHAS:
+            if alpha == 1.0:
+                curve.append({"alpha": alpha, **scored(sets, run_dir)})
+                continue
             model.load_state_dict(interpolate(base, tuned, alpha))
             curve.append({"alpha": alpha, **sets.score(model, meta)})
         write_json(path, curve)
@@ -179,14 +189,19 @@ def bench_source(args: argparse.Namespace, source: str, methods: list[str], star
         crossval = {}
         for value in grid:
             run_dir = train_run(args, source, method, value, args.seeds[0])
-            crossval[value] = json.loads((run_dir / "results.json").read_text())["id"][source]
+            if run_dir is not None:
+                crossval[value] = json.loads((run_dir / "results.json").read_text())["id"][source]
+        if len(crossval) < len(grid):  # --report-only and the grid is not complete: nothing to report yet
+            continue
         best = max(grid, key=lambda v: (crossval[v], -grid.index(v)))
         selection[method] = {"key": key, "grid": grid, "crossval": {f"{v:g}": a for v, a in crossval.items()},
                              "selected": best}
     wise: list[dict[str, Any]] = []
     for seed in args.seeds:  # phase 2: every method at its selected value, seed by seed
-        for method in methods:
+        for method in (m for m in methods if m in selection):
             run_dir = train_run(args, source, method, selection[method]["selected"], seed)
+            if run_dir is None:
+                continue
             results = json.loads((run_dir / "results.json").read_text())
             records.append({"method": method, "seed": seed, "value": selection[method]["selected"],
                             **scored(sets, run_dir), "train_time_s": results["train_time_s"],
@@ -224,6 +239,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="extra override for every run (part of the run name's budget: keep it fixed)")
     ap.add_argument("--no-wise", action="store_true", help="skip the WiSE-FT curve")
+    ap.add_argument("--report-only", action="store_true",
+                    help="train nothing: report the finished runs in --work (the seeds column says how many)")
     ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "pacs")
     ap.add_argument("--work", type=Path, default=ROOT / "runs" / "pacs-bench")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
