@@ -64,6 +64,13 @@ def test_pacs_benchmark_end_to_end(tmp_path: Path) -> None:
     assert pacs.main(argv) == 0
     assert [p.stat().st_mtime_ns for p in models] == stamps
 
+    # --report-only trains nothing and reports what is finished: here gmixout lost its seed-1 run
+    next((tmp_path / "work").glob("*-gmixout-*-s1")).joinpath("results.json").unlink()
+    assert pacs.main([*argv, "--report-only"]) == 0
+    partial = json.loads((tmp_path / "out" / "pacs_efficientnet_lite0_photo.json").read_text())
+    assert partial["summary"]["gmixout"]["test"]["n"] == 1 and partial["summary"]["lp"]["test"]["n"] == 2
+    assert "| gmixout |" in (tmp_path / "out" / "pacs_efficientnet_lite0_photo.md").read_text()
+
 
 def test_summary_mean_std_and_wise_selection() -> None:
     def run(method: str, seed: int, test: float, ood: tuple[float, float]) -> dict:
