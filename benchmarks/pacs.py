@@ -200,13 +200,14 @@ def bench_source(args: argparse.Namespace, source: str, methods: list[str], star
     for seed in args.seeds:  # phase 2: every method at its selected value, seed by seed
         for method in (m for m in methods if m in selection):
             run_dir = train_run(args, source, method, selection[method]["selected"], seed)
-            if run_dir is None:
-                continue
+            if run_dir is None or (args.report_only and not (run_dir / "pacs_scores.json").is_file()):
+                continue  # --report-only computes nothing: a run counts once trained and scored
             results = json.loads((run_dir / "results.json").read_text())
             records.append({"method": method, "seed": seed, "value": selection[method]["selected"],
                             **scored(sets, run_dir), "train_time_s": results["train_time_s"],
                             "steps": results["steps"], "summary": results["method_summary"]})
-            if method == "lpft" and not args.no_wise:
+            wise_ready = not args.report_only or (run_dir / "pacs_wise.json").is_file()
+            if method == "lpft" and not args.no_wise and wise_ready:
                 wise.append({"seed": seed, "curve": wise_curve(sets, run_dir)})
     report = {
         "benchmark": "pacs", "backbone": args.backbone, "source": source, "ood_domains": sets.ood,
@@ -240,7 +241,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="extra override for every run (part of the run name's budget: keep it fixed)")
     ap.add_argument("--no-wise", action="store_true", help="skip the WiSE-FT curve")
     ap.add_argument("--report-only", action="store_true",
-                    help="train nothing: report the finished runs in --work (the seeds column says how many)")
+                    help="train and score nothing: report the runs in --work that are trained and scored "
+                         "(the table's seeds column says how many)")
     ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "pacs")
     ap.add_argument("--work", type=Path, default=ROOT / "runs" / "pacs-bench")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
