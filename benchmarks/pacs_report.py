@@ -80,7 +80,7 @@ def plot(report: dict[str, Any], summary: dict[str, dict[str, Any]], path: Path)
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 5), dpi=120)
+    fig, ax = plt.subplots(figsize=(8.5, 5), dpi=120)
     for method, m in summary.items():
         if method.startswith("wise"):
             continue
@@ -97,10 +97,12 @@ def plot(report: dict[str, Any], summary: dict[str, dict[str, Any]], path: Path)
     s = report["settings"]
     ax.set_xlabel(f"out-of-domain top-1 % (mean of {', '.join(report['ood_domains'])})")
     ax.set_ylabel(f"in-domain top-1 % ({report['source']} test list)")
+    counts = sorted({m["test"]["n"] for m in summary.values()})
+    seeds = f"{counts[0]}" if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
     ax.set_title(f"PACS, {report['backbone']}, source {report['source']}, {s['image_size']} px, "
-                 f"{len(s['seeds'])} seeds", fontsize=10)
+                 f"{seeds} seeds per point (mean ± std)", fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower left")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     tmp = path.with_name(path.name + ".tmp.png")
     fig.savefig(tmp)
