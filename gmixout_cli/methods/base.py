@@ -84,3 +84,14 @@ def restore_param_orders(model: nn.Module, orders: dict[str, list[str]]) -> None
         for key in orders.get(name, []):
             if key in module._parameters:
                 module._parameters[key] = module._parameters.pop(key)
+
+
+def drop_grouped_convs(model: nn.Module, targets: list[str]) -> tuple[list[str], int]:
+    """`targets` without the weights of grouped (e.g. depthwise) convolutions, and how many were dropped."""
+    def grouped(target: str) -> bool:
+        owner, _, leaf = target.rpartition(".")
+        module = model.get_submodule(owner) if owner else model
+        return leaf == "weight" and isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and module.groups > 1
+
+    kept = [t for t in targets if not grouped(t)]
+    return kept, len(targets) - len(kept)

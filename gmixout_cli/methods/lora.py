@@ -31,7 +31,8 @@ from torch import nn
 
 from gmixout_cli.errors import UserError
 from gmixout_cli.methods.base import (
-    adamw, freeze_norm_stats, head_param_names, is_bias_or_norm, param_orders, restore_param_orders,
+    adamw, drop_grouped_convs, freeze_norm_stats, head_param_names, is_bias_or_norm, param_orders,
+    restore_param_orders,
 )
 
 ADAPTER_NAME = "default"
@@ -65,13 +66,6 @@ def resolve_owners(model: nn.Module, targets: list[str], method: str) -> dict[st
     return owners
 
 
-def _grouped_conv(model: nn.Module, target: str) -> bool:
-    """Whether `target` is the weight of a grouped (e.g. depthwise) convolution."""
-    owner, _, leaf = target.rpartition(".")
-    module = model.get_submodule(owner) if owner else model
-    return leaf == "weight" and isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and module.groups > 1
-
-
 class PeftLoRA:
     """LoRA (or DoRA) adapters from peft on the target modules; head trains densely."""
 
@@ -102,8 +96,7 @@ class PeftLoRA:
                             "drop it from model.targets")
         self.skipped_grouped = 0
         if default_targets:  # the model's default set (every conv): leave out what peft cannot merge, and say so
-            kept = [t for t in targets if not _grouped_conv(model, t)]
-            self.skipped_grouped, targets = len(targets) - len(kept), kept
+            targets, self.skipped_grouped = drop_grouped_convs(model, targets)
         owners = resolve_owners(model, targets, self.name)
         for module_name, parts in owners.items():
             module = model.get_submodule(module_name)

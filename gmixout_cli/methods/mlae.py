@@ -33,7 +33,9 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from gmixout_cli.errors import UserError
-from gmixout_cli.methods.base import adamw, freeze_norm_stats, head_param_names, param_orders, restore_param_orders
+from gmixout_cli.methods.base import (
+    adamw, drop_grouped_convs, freeze_norm_stats, head_param_names, param_orders, restore_param_orders,
+)
 
 
 class _Shared:
@@ -114,8 +116,7 @@ class MLAE:
         self.targets = list(dict.fromkeys(targets))
         self.skipped_grouped = 0
         if default_targets:  # the model's default set: depthwise convs have no low-rank form here, say so
-            kept = [t for t in self.targets if not _grouped_conv(*_owner(model, t))]
-            self.skipped_grouped, self.targets = len(self.targets) - len(kept), kept
+            self.targets, self.skipped_grouped = drop_grouped_convs(model, self.targets)
         for name in self.targets:
             module, attr = _owner(model, name)
             if name in head:
@@ -212,10 +213,6 @@ class MLAE:
                 for key in ("A", "B", "c"):
                     getattr(pm, key).copy_(tensors[f"{name}.{key}"])
         self.shared.draw = int(values.get("draw", 0))
-
-
-def _grouped_conv(module: nn.Module, attr: str) -> bool:
-    return attr == "weight" and isinstance(module, nn.Conv2d) and module.groups > 1
 
 
 def _owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:
