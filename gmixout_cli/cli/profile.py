@@ -69,6 +69,8 @@ def profile(
     table.add_row("model state of full fine-tuning", _gib(report["full_finetune_state_bytes"]))
     table.add_row("peak memory during the timed steps", _gib(report["steady_peak_bytes"]))
     table.add_row(f"peak memory ({report['peak_kind'].replace('_', ' ')})", _gib(report["peak_memory_bytes"]))
+    if "process_baseline_bytes" in report:
+        table.add_row("  of which the process before the model (libraries)", _gib(report["process_baseline_bytes"]))
     verdict = "[green]fits[/]" if report["fits"] else "[red]does not fit[/]"
     table.add_row("budget", f"{_gib(report['budget_bytes'])}: {verdict}")
     console.print(table)

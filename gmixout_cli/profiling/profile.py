@@ -12,7 +12,7 @@ from gmixout_cli.config import Config
 from gmixout_cli.data import load_domain
 from gmixout_cli.models import build_model
 from gmixout_cli.training import input_size, make_trainer
-from gmixout_cli.utils.memory import peak_rss_since_reset, reset_peak_rss, resolve_device
+from gmixout_cli.utils.memory import current_rss_bytes, peak_rss_since_reset, reset_peak_rss, resolve_device
 
 
 def _state_bytes(trainer: Any) -> dict[str, int]:
@@ -41,6 +41,9 @@ def profile(cfg: Config, steps: int, budget_gb: float) -> dict[str, Any]:
     count comes from the recipe's data when given.
     """
     device = resolve_device(cfg.train.device)
+    # CPU: what the process holds before the model exists (torch and the model libraries, ~0.7 GB), shared by
+    # every method; reported so that ratios can be read with and without it
+    baseline = current_rss_bytes() if device.type == "cpu" else None
     torch.manual_seed(cfg.train.seed)
     classes = load_domain(cfg.data).classes if cfg.data.root else [f"class {i}" for i in range(1000)]
     model_cfg = cfg.model
@@ -57,6 +60,8 @@ def profile(cfg: Config, steps: int, budget_gb: float) -> dict[str, Any]:
               "image_size": size, "precision": cfg.train.precision, "steps": steps,
               "budget_bytes": int(budget_gb * 1024**3),
               "full_finetune_state_bytes": _full_finetune_state_bytes(built.model)}
+    if baseline is not None:
+        common["process_baseline_bytes"] = baseline
     try:
         measured = _measure(trainer, x, y, steps, device, common["budget_bytes"])
     except torch.OutOfMemoryError:  # an answer, not a failure: this setting does not fit this device
