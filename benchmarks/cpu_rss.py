@@ -12,14 +12,14 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import platform
 import subprocess
 import sys
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_common import ROOT, device_name, git_head  # noqa: E402
 
 
 def run_profile(model: str, method: str, batch: int, steps: int, extra: list[str]) -> dict:
@@ -40,11 +40,10 @@ def main() -> None:
     args = ap.parse_args()
     full = run_profile(args.model, "full", args.batch_size, args.steps, [])
     ours = run_profile(args.model, "gmixout", args.batch_size, args.steps, [f"method.p={args.p}", "method.k=10"])
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
     result = {
-        "benchmark": "cpu_rss", "device": f"cpu ({platform.processor() or platform.machine()}, "
-        f"{torch.get_num_threads()} threads)", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-        "git_commit": commit, "command": " ".join(["python", "benchmarks/cpu_rss.py", *sys.argv[1:]]),
+        "benchmark": "cpu_rss", "device": device_name(torch.device("cpu")),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(), "git_commit": git_head(),
+        "command": " ".join(["python", "benchmarks/cpu_rss.py", *sys.argv[1:]]),
         "torch": torch.__version__, "model": args.model, "batch_size": args.batch_size, "p": args.p,
         "full": full, "gmixout": ours,
         "ratio_steady_peak_rss": ours["steady_peak_bytes"] / full["steady_peak_bytes"],
