@@ -56,3 +56,31 @@ def test_method_learns_and_exports_plain_weights(method: str) -> None:
         assert changed == {"head.weight", "head.bias"}
     else:
         assert any(k.startswith("blocks.") for k in changed)
+
+
+@pytest.mark.parametrize("method,mode,moves", [
+    ("full", "auto", True), ("full", "frozen", False), ("lora", "auto", False), ("lora", "update", True),
+    ("gmixout", "auto", False), ("gmixout", "update", True),
+])
+def test_norm_stats_override_the_methods_batchnorm_mode(method: str, mode: str, moves: bool) -> None:
+    cfg = build_config({
+        "model": {"name": "timm:test_efficientnet", "weights": "random", "head_init": "zero"},
+        "method": {"name": method, "norm_stats": mode, **({"k": 5} if method == "gmixout" else {})},
+    })
+    built = build_model(cfg.model, ["a", "b"], 0)
+    stats = {k: v.clone() for k, v in built.model.state_dict().items() if k.endswith("running_mean")}
+    trainer = make_trainer(cfg, built, torch.device("cpu"), total_steps=2)
+    x, y = _separable(8, 32, torch.Generator().manual_seed(0))
+    trainer.train_step(x, y)
+    after = built.model.state_dict()
+    assert any(not torch.equal(after[k], v) for k, v in stats.items()) == moves
+
+
+def test_norm_stats_on_a_model_without_batchnorm_is_a_user_error() -> None:
+    from gmixout_cli.errors import UserError
+
+    cfg = build_config({"model": {"name": "timm:test_vit", "weights": "random", "head_init": "zero"},
+                        "method": {"name": "full", "norm_stats": "frozen"}})
+    built = build_model(cfg.model, ["a", "b"], 0)
+    with pytest.raises(UserError, match="no BatchNorm layers"):
+        make_trainer(cfg, built, torch.device("cpu"), total_steps=2)

@@ -124,6 +124,9 @@ class MethodConfig:
     """Dropout on the LoRA / DoRA input."""
     train_bias_norm: bool = False
     """Also train biases and normalisation parameters densely (frozen by default)."""
+    norm_stats: Literal["auto", "update", "frozen"] = "auto"
+    """BatchNorm running statistics in training: `auto` = the method's own choice (full, lpft, mixout and
+    gmixout with train_bias_norm update them; the others keep them frozen), `update`, or `frozen`."""
 
 
 @dataclass

@@ -7,6 +7,8 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from gmixout_cli.errors import UserError
+
 
 class Method(Protocol):
     """How parameters are wrapped, which optimizers step them, what happens at a step end and at export."""
@@ -65,6 +67,19 @@ def freeze_norm_stats(model: nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
             module.eval()
+
+
+def set_norm_stats(model: nn.Module, mode: str, model_name: str) -> None:
+    """Override the method's BatchNorm mode (`method.norm_stats`): `update` follows the batches, `frozen` keeps
+    the pretrained statistics; `auto` leaves the method's choice."""
+    if mode == "auto":
+        return
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:  # the key would do nothing: say so rather than ignore it
+        raise UserError(f"method.norm_stats={mode} has no effect: {model_name} has no BatchNorm layers; "
+                        "remove the key (or set method.norm_stats=auto)")
+    for module in norms:
+        module.train(mode == "update")
 
 
 def adamw(groups: list[dict[str, Any]]) -> torch.optim.AdamW:

@@ -25,6 +25,7 @@ from gmixout_cli.data import (
 from gmixout_cli.errors import Interrupted, UserError
 from gmixout_cli.eval import autocast, evaluate_domains, ood_sets
 from gmixout_cli.methods import Method, make_method
+from gmixout_cli.methods.base import set_norm_stats
 from gmixout_cli.models import BuiltModel, build_model, resolve_targets, save_classifier
 from gmixout_cli.training.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
 from gmixout_cli.training.linear_probe import extract_features, fit_linear_probe
@@ -86,6 +87,7 @@ def make_trainer(cfg: Config, built: BuiltModel, device: torch.device, total_ste
     optimizers = method.optimizers()
     schedulers = [make_scheduler(o, total_steps, cfg.train.warmup_steps, cfg.train.schedule) for o in optimizers]
     method.set_train_mode(built.model)
+    set_norm_stats(built.model, cfg.method.norm_stats, cfg.model.name)
     return Trainer(built.model, method, optimizers, schedulers, device, cfg.train.precision, cfg.train.grad_clip,
                    cfg.train.micro_batch_size)
 
