@@ -65,6 +65,7 @@ METHODS: dict[str, tuple[list[str], str, list[float]]] = {
                  [1e-4, 3e-4]),
     "gmixout": (["method.name=gmixout"], "train.lr", [1e-4, 3e-4]),
 }
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # training's train.device=auto too
 ALPHAS = [0.0, 0.5, 1.0]  # alpha = 1 is the run itself (its scores are reused)
 
 
@@ -96,15 +97,15 @@ class EvalSets:
     def score(self, model: torch.nn.Module, meta: dict[str, str]) -> dict[str, Any]:
         """crossval, test, each other domain and their mean (top-1 fractions)."""
         model.eval()
-        # channels-last: ~2x faster CPU inference for these convnets; the loaded copy is only scored here
-        model = model.to(memory_format=torch.channels_last)
+        # channels-last: ~2x faster CPU inference for these convnets; the loaded copy is only scored here (fp32)
+        model = model.to(DEVICE, memory_format=torch.channels_last)
         sets = self.tensors(int(meta["image_size"]), json.loads(meta["mean"]), json.loads(meta["std"]))
         acc = {}
         for name, (x, y) in sets.items():
             correct = 0
             for i in range(0, len(y), 256):
-                batch = x[i:i + 256].contiguous(memory_format=torch.channels_last)
-                correct += (model(batch).argmax(1) == y[i:i + 256]).sum().item()
+                batch = x[i:i + 256].to(DEVICE).contiguous(memory_format=torch.channels_last)
+                correct += (model(batch).argmax(1).cpu() == y[i:i + 256]).sum().item()
             acc[name] = correct / len(y)
         ood = {d: acc[d] for d in self.ood}
         return {"crossval": acc["crossval"], "test": acc["test"], "ood": ood, "ood_mean": sum(ood.values()) / len(ood)}
@@ -127,14 +128,19 @@ def test_items(data_root: Path, source: str, classes: list[str]) -> list[tuple[P
     return items
 
 
-def train_run(args: argparse.Namespace, source: str, method: str, value: float, seed: int) -> Path | None:
-    """One tool run (reused when complete); returns its folder (None: not run, under --report-only)."""
+def train_run(args: argparse.Namespace, source: str, method: str, value: float, seed: int,
+              scores: tuple[str, ...] = ()) -> Path | None:
+    """One tool run (reused when complete); returns its folder (None: not run, under --report-only).
+
+    `scores`: the score files phase 2 reads; a run whose folder lost its model (only the small files came
+    back from another machine, see gpu_job.sh) and lacks one of them is trained again."""
     overrides, key, _ = METHODS[method]
     name = f"{args.backbone}-{source}-{method}-{key.split('.')[-1]}{value:g}-e{args.epochs}-s{seed}"
     if args.set:  # extra overrides change the run: they are part of its cache key
         name += "-x" + hashlib.sha1("\n".join(args.set).encode()).hexdigest()[:8]
     run_dir = args.work / name
-    if (run_dir / "results.json").is_file():
+    if (run_dir / "results.json").is_file() and ((run_dir / "model.safetensors").is_file()
+                                                 or all((run_dir / f).is_file() for f in scores)):
         return run_dir
     if getattr(args, "report_only", False):
         return None
@@ -148,6 +154,7 @@ def train_run(args: argparse.Namespace, source: str, method: str, value: float, 
     t0 = time.perf_counter()
     with open(run_dir / "log.txt", "w") as log:
         finetune(cfg, run_dir, Console(file=log, width=120))
+    (run_dir / "device.txt").write_text(device_name(DEVICE) + "\n")  # the report names where runs trained
     print(f"  {name}: {time.perf_counter() - t0:.0f} s", flush=True)
     return run_dir
 
@@ -199,19 +206,23 @@ def bench_source(args: argparse.Namespace, source: str, methods: list[str], star
     wise: list[dict[str, Any]] = []
     for seed in args.seeds:  # phase 2: every method at its selected value, seed by seed
         for method in (m for m in methods if m in selection):
-            run_dir = train_run(args, source, method, selection[method]["selected"], seed)
+            wise_wanted = method == "lpft" and not args.no_wise
+            run_dir = train_run(args, source, method, selection[method]["selected"], seed,
+                                ("pacs_scores.json", "pacs_wise.json") if wise_wanted else ("pacs_scores.json",))
             if run_dir is None or (args.report_only and not (run_dir / "pacs_scores.json").is_file()):
                 continue  # --report-only computes nothing: a run counts once trained and scored
             results = json.loads((run_dir / "results.json").read_text())
+            trained_on = run_dir / "device.txt"  # runs from before device.txt trained on this CPU
             records.append({"method": method, "seed": seed, "value": selection[method]["selected"],
-                            **scored(sets, run_dir), "train_time_s": results["train_time_s"],
+                            "device": trained_on.read_text().strip() if trained_on.is_file() else
+                            device_name(torch.device("cpu")), **scored(sets, run_dir), "train_time_s": results["train_time_s"],
                             "steps": results["steps"], "summary": results["method_summary"]})
             wise_ready = not args.report_only or (run_dir / "pacs_wise.json").is_file()
-            if method == "lpft" and not args.no_wise and wise_ready:
+            if wise_wanted and wise_ready:
                 wise.append({"seed": seed, "curve": wise_curve(sets, run_dir)})
     report = {
         "benchmark": "pacs", "backbone": args.backbone, "source": source, "ood_domains": sets.ood,
-        "device": device_name(torch.device("cpu")), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+        "device": ", ".join(sorted({r["device"] for r in records})) or device_name(DEVICE), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
         "git_commit": args.commit, "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
         "versions": versions(("timm", "peft", "torchvision")),
         "settings": {"epochs": args.epochs, "image_size": args.image_size, "batch_size": args.batch_size,

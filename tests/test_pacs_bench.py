@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import COLORS, write_domains
 
@@ -63,6 +64,18 @@ def test_pacs_benchmark_end_to_end(tmp_path: Path) -> None:
     stamps = [p.stat().st_mtime_ns for p in models]
     assert pacs.main(argv) == 0
     assert [p.stat().st_mtime_ns for p in models] == stamps
+    assert out["device"] == pacs.device_name(torch.device("cpu"))  # where the runs trained
+    assert all((p.parent / "device.txt").is_file() for p in models)
+
+    # only the small files came back from another machine (gpu_job.sh): scored runs are reused, a run
+    # that was trained but not yet scored is trained again
+    for model in models:
+        model.unlink()
+    lp1 = next((tmp_path / "work").glob("*-lp-*-s1"))
+    (lp1 / "pacs_scores.json").unlink()
+    assert pacs.main(argv) == 0
+    assert (lp1 / "model.safetensors").is_file() and (lp1 / "pacs_scores.json").is_file()
+    assert sum(1 for _ in (tmp_path / "work").glob("*/model.safetensors")) == 1
 
     # --report-only trains nothing and reports what is finished: here gmixout lost its seed-1 run
     next((tmp_path / "work").glob("*-gmixout-*-s1")).joinpath("results.json").unlink()
@@ -104,3 +117,19 @@ def test_pacs_sweep_scores_variants_on_crossval(tmp_path: Path) -> None:
     assert "p: 0.7" in cfg
     for row in out["variants"].values():
         assert 0.0 <= row["mean"] <= 1.0 and set(row["crossval"]) == {"0"}
+
+
+def test_pacs_pack_keeps_every_image_and_the_split_lists(tmp_path: Path) -> None:
+    from PIL import Image
+
+    data = _pacs_like(tmp_path / "pacs")
+    pack = importlib.import_module("pacs_pack")
+    assert pack.main(["--data", str(data), "--out", str(tmp_path / "small"), "--size", "16"]) == 0
+    small = tmp_path / "small"
+    assert sorted(p.name for p in (small / "splits").iterdir()) == sorted(p.name for p in (data / "splits").iterdir())
+    for line in (small / "splits" / "photo_test_kfold.txt").read_text().split("\n"):
+        if line:
+            with Image.open(small / line.rsplit(maxsplit=1)[0]) as img:
+                assert min(img.size) == 16
+    count = sum(1 for p in data.rglob("*.png"))
+    assert sum(1 for p in small.rglob("*.png")) == count and not (tmp_path / "small.partial").exists()

@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# The GPU work of issues 3 and 4 in calls that each fit the lent machine's 10-minute limit.
+# Prepare here (benchmarks/README.md, "On the lent GPU machine"): wheels in .whl*/, PACS in .pacs128/.
+#
+#   bash benchmarks/gpu_job.sh engine            # CUDA kernel tests, kernel_bench, epilogue_gather, step_bench ViT-B-16
+#   bash benchmarks/gpu_job.sh steps-l14         # step_bench ViT-L-14
+#   bash benchmarks/gpu_job.sh pacs BACKBONE SOURCES [SEEDS]   # e.g. pacs efficientnet_lite0 photo,sketch
+#
+# Everything it measures lands in $OUT (results.tgz: benchmarks/results files and, for pacs, the runs'
+# small files so that a later call or `pacs.py --report-only` here continues from them).
+set -uo pipefail
+OUT=${OUT:-/tmp/gmixout-out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+if ls .whl*/*.whl >/dev/null 2>&1; then  # every carried wheel folder: .whl, .whl-lite0, .whl-mnv2
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl*/*.whl \
+    || exit 1
+  export PYTHONPATH=/tmp/site:$PWD
+else
+  export PYTHONPATH=$PWD
+fi
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || echo "no nvidia-smi"; } | tee "$OUT/gpu.txt"
+started=$(date +%s)
+
+case "${1:-}" in
+  engine)
+    TRITON_INTERPRET=0 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_epilogue_gather.py \
+      2>&1 | tee "$OUT/kernel_tests.log"
+    python3 benchmarks/kernel_bench.py 2>&1 | tee "$OUT/kernel_bench.log"
+    python3 benchmarks/epilogue_gather.py 2>&1 | tee "$OUT/epilogue_gather.log"
+    python3 benchmarks/step_bench.py --archs ViT-B-16 2>&1 | tee "$OUT/step_bench_b16.log"
+    ;;
+  steps-l14)
+    python3 benchmarks/step_bench.py --archs ViT-L-14 2>&1 | tee "$OUT/step_bench_l14.log"
+    ;;
+  pacs)
+    backbone=${2:?backbone}; sources=${3:?sources}; seeds=${4:-0,1,2}
+    if [ -f pacs-runs.tgz ]; then tar xzf pacs-runs.tgz; fi  # the small files of an earlier call's runs
+    # stop starting runs after 8.5 minutes so the report and the archive still fit in the call
+    timeout 510 python3 benchmarks/pacs.py --data .pacs128 --backbone "$backbone" --sources "$sources" \
+      --seeds "$seeds" --workers 12 2>&1 | tee "$OUT/pacs.log"
+    python3 benchmarks/pacs.py --data .pacs128 --backbone "$backbone" --sources "$sources" --seeds "$seeds" \
+      --report-only 2>&1 | tail -5
+    find runs/pacs-bench -name '*.json' -o -name 'config.yaml' -o -name 'device.txt' | tar czf "$OUT/pacs-runs.tgz" -T -
+    ;;
+  *)
+    echo "usage: bash benchmarks/gpu_job.sh engine | steps-l14 | pacs BACKBONE SOURCES [SEEDS]" >&2
+    exit 2
+    ;;
+esac
+git status --porcelain benchmarks/results | awk '{print $2}' | tar czf "$OUT/results.tgz" -T -
+echo "gpu_job: $1 done in $(( $(date +%s) - started )) s"
