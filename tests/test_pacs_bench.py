@@ -105,18 +105,37 @@ def test_summary_mean_std_and_wise_selection() -> None:
 def test_pacs_sweep_scores_variants_on_crossval(tmp_path: Path) -> None:
     sweep = importlib.import_module("pacs_sweep")
     data = _pacs_like(tmp_path / "pacs")
-    argv = ["--source", "photo", "--variants", "default,p=0.7", "--epochs", "1", "--image-size", "32",
-            "--batch-size", "6", "--workers", "0", "--data", str(data), "--work", str(tmp_path / "work"),
-            "--out", str(tmp_path / "out")]
+    argv = ["--source", "photo", "--variants", "targets=pointwise", "--seeds", "0", "--epochs", "1",
+            "--image-size", "32", "--batch-size", "6", "--workers", "0", "--data", str(data),
+            "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out")]
     assert sweep.main(argv) == 0
     out = json.loads((tmp_path / "out" / "pacs_sweep_efficientnet_lite0_photo.json").read_text())
-    assert list(out["variants"]) == ["default", "p=0.7"] and out["selection_split"] == "crossval"
+    # The defaults run first even when not asked for: every variant is compared with them seed by seed.
+    assert list(out["variants"]) == ["default", "targets=pointwise"] and out["selection_split"] == "crossval"
     runs = sorted(p.name for p in (tmp_path / "work").iterdir())
     assert len(runs) == 2 and sum("-x" in r for r in runs) == 1  # the variant's overrides key its own run
     cfg = (tmp_path / "work" / next(r for r in runs if "-x" in r) / "config.yaml").read_text()
-    assert "p: 0.7" in cfg
+    assert "'*conv_pw*.weight'" in cfg and "conv_head.weight" in cfg
+    base, var = out["variants"]["default"], out["variants"]["targets=pointwise"]
+    assert base["vs_default"] == {"mean": 0.0, "std": None}  # one seed: no spread to report
+    assert var["vs_default"]["mean"] == pytest.approx(var["crossval"]["0"] - base["crossval"]["0"])
     for row in out["variants"].values():
         assert 0.0 <= row["mean"] <= 1.0 and set(row["crossval"]) == {"0"}
+    md = (tmp_path / "out" / "pacs_sweep_efficientnet_lite0_photo.md").read_text()
+    assert "| targets=pointwise |" in md and "vs default (paired)" in md
+
+
+def test_pacs_sweep_pairs_seeds_with_the_defaults() -> None:
+    sweep = importlib.import_module("pacs_sweep")
+    d = sweep.paired({"0": 0.80, "1": 0.90, "2": 0.70}, {"0": 0.75, "1": 0.80, "2": 0.75})
+    assert d["mean"] == pytest.approx(0.1 / 3) and d["std"] == pytest.approx(0.0763763, rel=1e-5)
+    assert sweep.paired({"3": 0.5}, {"0": 0.4}) == {"mean": None, "std": None}
+
+
+def test_pacs_sweep_rejects_unknown_variant(tmp_path: Path) -> None:
+    sweep = importlib.import_module("pacs_sweep")
+    with pytest.raises(SystemExit):
+        sweep.main(["--variants", "p=0.5", "--data", str(_pacs_like(tmp_path / "pacs"))])
 
 
 def test_pacs_pack_keeps_every_image_and_the_split_lists(tmp_path: Path) -> None:
