@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from rich.console import Console
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -128,6 +129,32 @@ def test_items(data_root: Path, source: str, classes: list[str]) -> list[tuple[P
     return items
 
 
+# Where the data and how many loader workers: the same run on another machine (gpu_job.sh) differs there.
+MACHINE_KEYS = {"data.root", "data.num_workers"}
+
+
+def stale_keys(saved: Path, now: dict[str, Any]) -> list[str]:
+    """Settings of a cached run's config.yaml that differ from the config resolved now.
+
+    A key the saved file lacks (a field added to the schema later, with the old behaviour as default)
+    does not count; nor do MACHINE_KEYS. A missing or unreadable file counts as changed."""
+    try:
+        old = yaml.safe_load(saved.read_text())
+    except (OSError, yaml.YAMLError):
+        return ["config.yaml"]
+    if not isinstance(old, dict):
+        return ["config.yaml"]
+
+    def flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        return out
+
+    now_flat = flat(now)
+    return [k for k, v in flat(old).items() if k not in MACHINE_KEYS and k in now_flat and now_flat[k] != v]
+
+
 def train_run(args: argparse.Namespace, source: str, method: str, value: float, seed: int,
               scores: tuple[str, ...] = ()) -> Path | None:
     """One tool run (reused when complete); returns its folder (None: not run, under --report-only).
@@ -139,17 +166,20 @@ def train_run(args: argparse.Namespace, source: str, method: str, value: float, 
     if args.set:  # extra overrides change the run: they are part of its cache key
         name += "-x" + hashlib.sha1("\n".join(args.set).encode()).hexdigest()[:8]
     run_dir = args.work / name
-    if (run_dir / "results.json").is_file() and ((run_dir / "model.safetensors").is_file()
-                                                 or all((run_dir / f).is_file() for f in scores)):
-        return run_dir
-    if getattr(args, "report_only", False):
-        return None
-    shutil.rmtree(run_dir, ignore_errors=True)  # a run cut off midway starts again
-    run_dir.mkdir(parents=True)
     cfg = load_config(f"gmixout_{args.backbone}", overrides + [
         f"data.root={args.data / source}", "data.ood=[]", f"data.image_size={args.image_size}",
         f"data.num_workers={args.workers}", f"train.epochs={args.epochs}", f"train.batch_size={args.batch_size}",
         f"train.seed={seed}", f"{key}={value}", *args.set])
+    if (run_dir / "results.json").is_file() and ((run_dir / "model.safetensors").is_file()
+                                                 or all((run_dir / f).is_file() for f in scores)):
+        changed = stale_keys(run_dir / "config.yaml", config_to_dict(cfg))
+        if not changed:
+            return run_dir
+        print(f"  {name}: recipe changed since it ran ({', '.join(changed[:4])}): training it again", flush=True)
+    if getattr(args, "report_only", False):
+        return None
+    shutil.rmtree(run_dir, ignore_errors=True)  # a run cut off midway, or from an older recipe, starts again
+    run_dir.mkdir(parents=True)
     write_yaml(run_dir / "config.yaml", config_to_dict(cfg))
     t0 = time.perf_counter()
     with open(run_dir / "log.txt", "w") as log:

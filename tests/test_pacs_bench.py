@@ -102,6 +102,24 @@ def test_summary_mean_std_and_wise_selection() -> None:
     assert s["wise-ft (lpft)"]["ood_mean"]["mean"] == pytest.approx(60.0) and s["wise-ft (lpft)"]["test"]["n"] == 1
 
 
+def test_cached_run_is_stale_when_its_recipe_changed(tmp_path: Path) -> None:
+    from gmixout_cli.config import config_to_dict, load_config
+    from gmixout_cli.utils.io import write_yaml
+
+    now = config_to_dict(load_config("gmixout_efficientnet_lite0", ["data.root=/here/photo"]))
+    saved = tmp_path / "config.yaml"
+    old = config_to_dict(load_config("gmixout_efficientnet_lite0", [
+        "data.root=/gpu/.pacs128/photo", "data.num_workers=8", "method.episodes=5", "train.lr=3e-05"]))
+    del old["method"]["norm_stats"]  # a field the schema gained after the run: its default is the old behaviour
+    write_yaml(saved, old)
+    assert pacs.stale_keys(saved, now) == ["train.lr", "method.episodes"]  # machine keys do not count
+    write_yaml(saved, {**old, "train": now["train"], "method": {**old["method"], "episodes": now["method"]["episodes"]}})
+    assert pacs.stale_keys(saved, now) == []
+    saved.write_text("{not: yaml: [")
+    assert pacs.stale_keys(saved, now) == ["config.yaml"]
+    assert pacs.stale_keys(tmp_path / "missing.yaml", now) == ["config.yaml"]
+
+
 def test_pacs_sweep_scores_variants_on_crossval(tmp_path: Path) -> None:
     sweep = importlib.import_module("pacs_sweep")
     data = _pacs_like(tmp_path / "pacs")
