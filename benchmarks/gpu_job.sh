@@ -5,6 +5,7 @@
 #   bash benchmarks/gpu_job.sh engine            # CUDA kernel tests, kernel_bench, epilogue_gather, step_bench ViT-B-16
 #   bash benchmarks/gpu_job.sh steps-l14         # step_bench ViT-L-14
 #   bash benchmarks/gpu_job.sh pacs BACKBONE SOURCES [SEEDS]   # e.g. pacs efficientnet_lite0 photo,sketch
+#   bash benchmarks/gpu_job.sh sweep BACKBONE SOURCE [SEEDS]   # pacs_sweep.py: GMixout variants on crossval
 #
 # Everything it measures lands in $OUT (results.tgz: benchmarks/results files and, for pacs, the runs'
 # small files so that a later call or `pacs.py --report-only` here continues from them).
@@ -43,8 +44,16 @@ case "${1:-}" in
       --report-only 2>&1 | tail -5
     find runs/pacs-bench -name '*.json' -o -name 'config.yaml' -o -name 'device.txt' | tar czf "$OUT/pacs-runs.tgz" -T -
     ;;
+  sweep)
+    backbone=${2:?backbone}; source=${3:?source}; seeds=${4:-0,1,2}
+    if [ -f pacs-runs.tgz ]; then tar xzf pacs-runs.tgz; fi
+    # a sweep cut off by the timeout writes nothing, but its finished runs come back and the next call reuses them
+    timeout 540 python3 benchmarks/pacs_sweep.py --data .pacs128 --backbone "$backbone" --source "$source" \
+      --seeds "$seeds" --workers 12 2>&1 | tee "$OUT/pacs_sweep.log"
+    find runs/pacs-bench -name '*.json' -o -name 'config.yaml' -o -name 'device.txt' | tar czf "$OUT/pacs-runs.tgz" -T -
+    ;;
   *)
-    echo "usage: bash benchmarks/gpu_job.sh engine | steps-l14 | pacs BACKBONE SOURCES [SEEDS]" >&2
+    echo "usage: bash benchmarks/gpu_job.sh engine | steps-l14 | pacs BACKBONE SOURCES [SEEDS] | sweep BACKBONE SOURCE [SEEDS]" >&2
     exit 2
     ;;
 esac
