@@ -22,6 +22,9 @@ else
 fi
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || echo "no nvidia-smi"; } | tee "$OUT/gpu.txt"
 started=$(date +%s)
+save_runs() {  # the PACS runs' small files, for the next call or `--report-only` here
+  find runs/pacs-bench -name '*.json' -o -name 'config.yaml' -o -name 'device.txt' | tar czf "$OUT/pacs-runs.tgz" -T -
+}
 
 case "${1:-}" in
   engine)
@@ -42,7 +45,7 @@ case "${1:-}" in
       --seeds "$seeds" --workers 12 2>&1 | tee "$OUT/pacs.log"
     python3 benchmarks/pacs.py --data .pacs128 --backbone "$backbone" --sources "$sources" --seeds "$seeds" \
       --report-only 2>&1 | tail -5
-    find runs/pacs-bench -name '*.json' -o -name 'config.yaml' -o -name 'device.txt' | tar czf "$OUT/pacs-runs.tgz" -T -
+    save_runs
     ;;
   sweep)
     backbone=${2:?backbone}; source=${3:?source}; seeds=${4:-0,1,2}
@@ -50,7 +53,7 @@ case "${1:-}" in
     # a sweep cut off by the timeout writes nothing, but its finished runs come back and the next call reuses them
     timeout 540 python3 benchmarks/pacs_sweep.py --data .pacs128 --backbone "$backbone" --source "$source" \
       --seeds "$seeds" --workers 12 2>&1 | tee "$OUT/pacs_sweep.log"
-    find runs/pacs-bench -name '*.json' -o -name 'config.yaml' -o -name 'device.txt' | tar czf "$OUT/pacs-runs.tgz" -T -
+    save_runs
     ;;
   *)
     echo "usage: bash benchmarks/gpu_job.sh engine | steps-l14 | pacs BACKBONE SOURCES [SEEDS] | sweep BACKBONE SOURCE [SEEDS]" >&2

@@ -36,7 +36,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from rich.console import Console
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -45,7 +44,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_common import ROOT, device_name, git_head, versions  # noqa: E402
 from pacs_report import write_report  # noqa: E402
 
-from gmixout_cli.config import config_to_dict, load_config  # noqa: E402
+from gmixout_cli.config import config_to_dict, flatten_dict, load_config, read_yaml  # noqa: E402
+from gmixout_cli.errors import UserError  # noqa: E402
 from gmixout_cli.data import build_transform, load_domain, load_eval_domain, make_loader  # noqa: E402
 from gmixout_cli.merge import initial_state, interpolate, load_weights  # noqa: E402
 from gmixout_cli.models import load_classifier  # noqa: E402
@@ -139,20 +139,11 @@ def stale_keys(saved: Path, now: dict[str, Any]) -> list[str]:
     A key the saved file lacks (a field added to the schema later, with the old behaviour as default)
     does not count; nor do MACHINE_KEYS. A missing or unreadable file counts as changed."""
     try:
-        old = yaml.safe_load(saved.read_text())
-    except (OSError, yaml.YAMLError):
+        old = flatten_dict(read_yaml(saved))
+    except UserError:
         return ["config.yaml"]
-    if not isinstance(old, dict):
-        return ["config.yaml"]
-
-    def flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for k, v in d.items():
-            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-        return out
-
-    now_flat = flat(now)
-    return [k for k, v in flat(old).items() if k not in MACHINE_KEYS and k in now_flat and now_flat[k] != v]
+    now_flat = flatten_dict(now)
+    return [k for k, v in old.items() if k not in MACHINE_KEYS and k in now_flat and now_flat[k] != v]
 
 
 def train_run(args: argparse.Namespace, source: str, method: str, value: float, seed: int,

@@ -82,6 +82,14 @@ def config_to_dict(cfg: Config) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
+def flatten_dict(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested dict as dotted keys (`train.lr`), the form overrides and config comparisons use."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(flatten_dict(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
 def _build(cls: type, raw: Any, prefix: str, problems: list[str]) -> Any:
     if not isinstance(raw, dict):
         problems.append(f"'{prefix.rstrip('.') or 'recipe'}' must be a mapping, got {type(raw).__name__}")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from typing import Any
 
-from gmixout_cli.config import Config, build_config, config_to_dict, load_config, read_yaml
+from gmixout_cli.config import Config, build_config, config_to_dict, flatten_dict, load_config, read_yaml
 from gmixout_cli.errors import UserError
 from gmixout_cli.training.checkpoint import CHECKPOINT, config_hash, read_checkpoint_meta
 
@@ -49,13 +49,6 @@ def read_run_config(run_dir: Path) -> Config:
     return build_config(read_yaml(path))
 
 
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        out.update(_flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-    return out
-
-
 def resume_run(target: str, recipe: str | None, overrides: list[str], shortcuts: dict[str, Any]) -> tuple[Path, Config]:
     """The run folder to continue and its config; a config given now that differs is reported (the run's wins)."""
     if target == "auto":
@@ -76,8 +69,8 @@ def resume_run(target: str, recipe: str | None, overrides: list[str], shortcuts:
     if read_checkpoint_meta(run_dir / CHECKPOINT)["config_hash"] != config_hash(cfg):
         raise UserError(f"{run_dir}/config.yaml was edited after the checkpoint was written: restore it to resume")
     if recipe or overrides or any(v is not None for v in shortcuts.values()):
-        given = _flatten(config_to_dict(load_config(recipe or str(run_dir / "config.yaml"), overrides, shortcuts)))
-        saved = _flatten(config_to_dict(cfg))
+        given = flatten_dict(config_to_dict(load_config(recipe or str(run_dir / "config.yaml"), overrides, shortcuts)))
+        saved = flatten_dict(config_to_dict(cfg))
         changed = [f"{k}: {saved[k]!r} (run) vs {given[k]!r} (given)" for k in saved if given.get(k) != saved[k]]
         if changed:
             warnings.warn("resuming with the run's own config; these values given now are not used: "
