@@ -45,6 +45,7 @@ from bench_common import ROOT, device_name, git_head, versions  # noqa: E402
 from pacs_report import write_report  # noqa: E402
 
 from gmixout_cli.config import config_to_dict, flatten_dict, load_config, read_yaml  # noqa: E402
+from gmixout_cli.config.schema import unused_method_fields  # noqa: E402
 from gmixout_cli.errors import UserError  # noqa: E402
 from gmixout_cli.data import build_transform, load_domain, load_eval_domain, make_loader  # noqa: E402
 from gmixout_cli.merge import initial_state, interpolate, load_weights  # noqa: E402
@@ -137,13 +138,17 @@ def stale_keys(saved: Path, now: dict[str, Any]) -> list[str]:
     """Settings of a cached run's config.yaml that differ from the config resolved now.
 
     A key the saved file lacks (a field added to the schema later, with the old behaviour as default)
-    does not count; nor do MACHINE_KEYS. A missing or unreadable file counts as changed."""
+    does not count; nor do MACHINE_KEYS, nor `method.*` fields the run's method never reads (a new GMixout
+    default in the shared recipe leaves the LoRA runs valid). A missing or unreadable file counts as changed."""
     try:
         old = flatten_dict(read_yaml(saved))
     except UserError:
         return ["config.yaml"]
     now_flat = flatten_dict(now)
-    return [k for k, v in old.items() if k not in MACHINE_KEYS and k in now_flat and now_flat[k] != v]
+    method = str(now_flat.get("method.name", "gmixout"))
+    unread = {f"method.{f}" for f in unused_method_fields(method, [k[7:] for k in now_flat if k.startswith("method.")])}
+    return [k for k, v in old.items()
+            if k not in MACHINE_KEYS and k not in unread and k in now_flat and now_flat[k] != v]
 
 
 def train_run(args: argparse.Namespace, source: str, method: str, value: float, seed: int,

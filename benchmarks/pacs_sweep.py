@@ -33,6 +33,7 @@ VARIANTS: dict[str, list[str]] = {
     "p=0.7": ["method.p=0.7"],
     "p=0.97": ["method.p=0.97"],
     "episodes=5": ["method.episodes=5"],
+    "episodes=10": ["method.episodes=10"],
     "lam=0": ["method.lam=0"],
     "lam=0.9": ["method.lam=0.9"],
     "export=last": ["method.export=last"],
@@ -66,6 +67,43 @@ def paired(scores: dict[str, float], base: dict[str, float]) -> dict[str, float 
     if not diffs:
         return {"mean": None, "std": None}
     return {"mean": statistics.fmean(diffs), "std": statistics.stdev(diffs) if len(diffs) > 1 else None}
+
+
+def pool(out_dir: Path, backbone: str, settings: dict) -> dict:
+    """Paired gains over every (source, seed) of this backbone's per-source sweeps run with the same settings."""
+    same = {k: v for k, v in settings.items() if k != "seeds"}
+    sweeps = []
+    for path in sorted(out_dir.glob(f"pacs_sweep_{backbone}_*.json")):
+        data = json.loads(path.read_text())
+        if data.get("benchmark") == "pacs_sweep" and \
+                {k: v for k, v in data["settings"].items() if k != "seeds"} == same:
+            sweeps.append(data)
+    rows: dict[str, dict] = {}
+    for data in sweeps:
+        base = data["variants"]["default"]["crossval"]
+        for variant, row in data["variants"].items():
+            if variant == "default":
+                continue
+            r = rows.setdefault(variant, {"sources": [], "diffs": []})
+            r["sources"].append(data["source"])
+            r["diffs"] += [row["crossval"][s] - base[s] for s in row["crossval"] if s in base]
+    for r in rows.values():
+        d = r["diffs"]
+        r["mean"] = statistics.fmean(d)
+        r["std"] = statistics.stdev(d) if len(d) > 1 else None
+        r["passes"] = r["std"] is not None and r["mean"] > r["std"]  # the rule: gain larger than its spread
+    return {"sources": [d["source"] for d in sweeps], "settings": same, "variants": rows}
+
+
+def pooled_markdown(backbone: str, pooled: dict) -> str:
+    lines = [f"### GMixout defaults, {backbone}: paired crossval gain over every source and seed "
+             f"(sources: {', '.join(pooled['sources'])})", "",
+             "| variant | sources | pairs | gain vs default | passes (gain > spread) |", "|---|---|---|---|---|"]
+    for variant, r in sorted(pooled["variants"].items(), key=lambda kv: -kv[1]["mean"]):
+        spread = f" ± {100 * r['std']:.1f}" if r["std"] is not None else ""
+        lines.append(f"| {variant} | {', '.join(r['sources'])} | {len(r['diffs'])} | "
+                     f"{100 * r['mean']:+.1f}{spread} | {'yes' if r['passes'] else 'no'} |")
+    return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -102,12 +140,13 @@ def main(argv: list[str] | None = None) -> int:
                          "vs_default": paired(crossval, rows["default"]["crossval"] if rows else crossval)}
         print(f"  {variant}: crossval {rows[variant]['mean']:.4f}", flush=True)
     stem = args.out / f"pacs_sweep_{args.backbone}_{args.source}"
+    settings = {"epochs": args.epochs, "image_size": args.image_size, "batch_size": args.batch_size,
+                "lr": args.lr, "seeds": seeds, "recipe": f"gmixout_{args.backbone}"}
     write_json(stem.with_suffix(".json"), {
         "benchmark": "pacs_sweep", "backbone": args.backbone, "source": args.source, "selection_split": "crossval",
         "device": device_name(torch.device("cpu")), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
         "git_commit": commit, "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-        "settings": {"epochs": args.epochs, "image_size": args.image_size, "batch_size": args.batch_size,
-                     "lr": args.lr, "seeds": seeds, "recipe": f"gmixout_{args.backbone}"},
+        "settings": settings,
         "variants": rows, "wall_time_s": time.perf_counter() - started,
     })
     lines = [f"### GMixout defaults, {args.backbone}, source {args.source}: crossval top-1 % "
@@ -121,6 +160,12 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"| {variant} | {100 * row['mean']:.1f} | {delta} | {per_seed} |")
     write_text(stem.with_suffix(".md"), "\n".join(lines) + "\n")
     print(f"pacs_sweep: wrote {stem}.json, .md", flush=True)
+    pooled = pool(args.out, args.backbone, settings)
+    pooled_stem = args.out / f"pacs_sweep_{args.backbone}_pooled"
+    write_json(pooled_stem.with_suffix(".json"), {"benchmark": "pacs_sweep_pooled", "backbone": args.backbone,
+                                                  "git_commit": commit, **pooled})
+    write_text(pooled_stem.with_suffix(".md"), pooled_markdown(args.backbone, pooled))
+    print(f"pacs_sweep: pooled {', '.join(pooled['sources'])} into {pooled_stem}.md", flush=True)
     return 0
 
 

@@ -72,3 +72,26 @@ def test_k_on_the_command_line_replaces_the_recipes_episodes() -> None:
     assert cfg.method.k == 10 and cfg.method.episodes is None
     cfg = load_config("gmixout", ["method.episodes=5"])
     assert cfg.method.episodes == 5 and cfg.method.k is None
+
+
+def test_a_method_field_the_method_never_reads_is_refused() -> None:
+    with pytest.raises(UserError, match=r"method.episodes=5 has no effect with method.name=lora \(read by gmixout, "
+                                        r"randmask\): remove it"):
+        load_config("lora", ["method.episodes=5"])
+    with pytest.raises(UserError, match=r"method.p=0.95 method.r=4 have no effect with method.name=full"):
+        load_config("full", ["method.p=0.95", "method.r=4"])
+    # The recipe's own values for other methods' fields are fine, and so is what the method reads.
+    assert load_config("lora", ["method.r=4", "method.norm_stats=frozen"]).method.r == 4
+    assert load_config("gmixout", ["method.name=randmask", "method.episodes=1", "method.lam=0"]).method.lam == 0
+
+
+def test_every_method_says_which_fields_it_reads() -> None:
+    from dataclasses import fields
+    from typing import get_args, get_type_hints
+
+    from gmixout_cli.config.schema import METHOD_FIELDS, MethodConfig
+
+    names = set(get_args(get_type_hints(MethodConfig)["name"]))
+    assert set(METHOD_FIELDS) == names
+    known = {f.name for f in fields(MethodConfig)}
+    assert all(used <= known for used in METHOD_FIELDS.values())

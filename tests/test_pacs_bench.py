@@ -115,6 +115,10 @@ def test_cached_run_is_stale_when_its_recipe_changed(tmp_path: Path) -> None:
     assert pacs.stale_keys(saved, now) == ["train.lr", "method.episodes"]  # machine keys do not count
     write_yaml(saved, {**old, "train": now["train"], "method": {**old["method"], "episodes": now["method"]["episodes"]}})
     assert pacs.stale_keys(saved, now) == []
+    # A LoRA run does not read GMixout's episodes: a new GMixout default in the shared recipe keeps it valid.
+    lora_now = config_to_dict(load_config("gmixout_efficientnet_lite0", ["data.root=/here/photo", "method.name=lora"]))
+    write_yaml(saved, {**lora_now, "method": {**lora_now["method"], "episodes": 5, "r": 4}})
+    assert pacs.stale_keys(saved, lora_now) == ["method.r"]
     saved.write_text("{not: yaml: [")
     assert pacs.stale_keys(saved, now) == ["config.yaml"]
     assert pacs.stale_keys(tmp_path / "missing.yaml", now) == ["config.yaml"]
@@ -148,6 +152,27 @@ def test_pacs_sweep_pairs_seeds_with_the_defaults() -> None:
     d = sweep.paired({"0": 0.80, "1": 0.90, "2": 0.70}, {"0": 0.75, "1": 0.80, "2": 0.75})
     assert d["mean"] == pytest.approx(0.1 / 3) and d["std"] == pytest.approx(0.0763763, rel=1e-5)
     assert sweep.paired({"3": 0.5}, {"0": 0.4}) == {"mean": None, "std": None}
+
+
+def test_pacs_sweep_pools_sources_with_the_same_settings(tmp_path: Path) -> None:
+    sweep = importlib.import_module("pacs_sweep")
+    settings = {"epochs": 2, "image_size": 128, "batch_size": 32, "lr": 1e-4, "seeds": [0, 1], "recipe": "r"}
+
+    def write(source: str, default: list[float], variant: list[float], **changed: object) -> None:
+        rows = {"default": {"crossval": dict(zip("01", default))}, "episodes=5": {"crossval": dict(zip("01", variant))}}
+        (tmp_path / f"pacs_sweep_efficientnet_lite0_{source}.json").write_text(json.dumps(
+            {"benchmark": "pacs_sweep", "source": source, "settings": {**settings, **changed}, "variants": rows}))
+
+    write("art_painting", [0.80, 0.82], [0.83, 0.84])
+    write("cartoon", [0.70, 0.72], [0.73, 0.73])
+    write("sketch", [0.50, 0.50], [0.10, 0.10], lr=3e-4)  # another lr: not pooled
+    out = sweep.pool(tmp_path, "efficientnet_lite0", settings)
+    assert out["sources"] == ["art_painting", "cartoon"]
+    row = out["variants"]["episodes=5"]
+    assert row["diffs"] == pytest.approx([0.03, 0.02, 0.03, 0.01]) and row["sources"] == ["art_painting", "cartoon"]
+    assert row["mean"] == pytest.approx(0.0225) and row["passes"]  # 2.25 points > their spread (0.96)
+    md = sweep.pooled_markdown("efficientnet_lite0", out)
+    assert "| episodes=5 | art_painting, cartoon | 4 | +2.2 ± 1.0 | yes |" in md
 
 
 def test_pacs_sweep_rejects_unknown_variant(tmp_path: Path) -> None:

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from gmixout_cli.config.load import build_config, merge_dicts, parse_overrides, read_yaml
-from gmixout_cli.config.schema import Config
+from gmixout_cli.config.schema import METHOD_FIELDS, Config, unused_method_fields
 from gmixout_cli.errors import UserError
 
 DEFAULT_RECIPE = "gmixout"
@@ -53,4 +53,12 @@ def load_config(recipe: str | None, overrides: list[str], shortcuts: dict[str, A
     if isinstance(method, dict) and isinstance(raw.get("method"), dict) and ("k" in method) != ("episodes" in method):
         # k and episodes are two ways to say one thing: the one given on the command line replaces the recipe's
         raw = merge_dicts(raw, {"method": {"episodes" if "k" in method else "k": None}})
-    return build_config(merge_dicts(raw, update))
+    cfg = build_config(merge_dicts(raw, update))
+    unused = unused_method_fields(cfg.method.name, list(method) if isinstance(method, dict) else [])
+    if unused:
+        readers = sorted({n for n, fields in METHOD_FIELDS.items() if set(unused) & fields})
+        given = " ".join(f"method.{f}={method[f]}" for f in unused)
+        verb = "has" if len(unused) == 1 else "have"
+        raise UserError(f"{given} {verb} no effect with method.name={cfg.method.name} (read by "
+                        f"{', '.join(readers)}): remove it or choose one of those methods")
+    return cfg

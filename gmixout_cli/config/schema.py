@@ -129,6 +129,21 @@ class MethodConfig:
     gmixout with train_bias_norm update them; the others keep them frozen), `update`, or `frozen`."""
 
 
+_SPARSE = frozenset({"p", "k", "episodes", "lam", "export", "fold_scale", "reset_moments", "mask", "train_bias_norm"})
+# The `method.*` fields each method reads besides `name` and `norm_stats` (every method reads those): an
+# override of any other is refused rather than silently ignored.
+METHOD_FIELDS: dict[str, frozenset[str]] = {
+    "gmixout": _SPARSE, "randmask": _SPARSE, "mixout": frozenset({"p"}),
+    "lora": frozenset({"r", "alpha", "lora_dropout"}), "dora": frozenset({"r", "alpha", "lora_dropout"}),
+    "mlae": frozenset({"r", "alpha", "p"}), "full": frozenset(), "lpft": frozenset(), "lp": frozenset(),
+}
+
+
+def unused_method_fields(name: str, fields: list[str]) -> list[str]:
+    """Those of `fields` (MethodConfig field names) that method `name` never reads."""
+    return [f for f in fields if f not in ("name", "norm_stats") and f not in METHOD_FIELDS[name]]
+
+
 @dataclass
 class Config:
     """A whole run: the YAML recipe plus `key=value` overrides, validated."""
