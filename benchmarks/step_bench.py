@@ -13,7 +13,7 @@ download) plus a 1000-class nn.Linear head on the L2-normalised embedding; input
 batch on the device (no data loading). bf16 autocast on CUDA, fp32 on CPU.
 
 Methods: `full`, `gmixout` (p, k from --p/--k) and `mixout` (p from --p) are built by the package's
-own code (`make_method`, or `Mixout` directly while make_method does not know it) on the four
+own code (`make_method`) on the four
 per-block targets (attn.in_proj_weight, attn.out_proj.weight, mlp.c_fc.weight, mlp.c_proj.weight);
 `lora_r8` / `lora_r16` are peft LoRA (alpha = 2r, no dropout) on each block's `attn`
 (nn.MultiheadAttention: peft wraps in_proj and out_proj), `mlp.c_fc`, `mlp.c_proj`, plus the dense head,
@@ -148,15 +148,7 @@ def build_package_method(name: str, model: nn.Module, args: argparse.Namespace, 
         method_cfg["p"] = args.p
     if name == "gmixout":
         method_cfg["k"] = args.k
-    if name == "mixout":
-        try:
-            cfg = build_config({"method": method_cfg, "train": {"lr": args.lr}})
-        except Exception:  # the schema does not know `mixout` yet: the class itself, same arguments
-            from gmixout_cli.methods.mixout import Mixout
-
-            return Mixout(model, targets, "head", args.p, 0, args.lr, args.lr, 0.1), "Mixout(...) directly"
-    else:
-        cfg = build_config({"method": method_cfg, "train": {"lr": args.lr}})
+    cfg = build_config({"method": method_cfg, "train": {"lr": args.lr}})
     method = make_method(cfg, model, targets, "head", total_steps)
     if method.name != name:
         raise RuntimeError(f"make_method built {method.name!r} for method.name={name!r}")
@@ -395,7 +387,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     ckpts = {"both": [False, True], "on": [True], "off": [False]}[args.checkpointing]
     for arch in args.archs.split(","):
-        visual_cpu = open_clip.create_model(arch).visual  # random weights: nothing is downloaded
+        # random weights: nothing is downloaded; --image-size resizes the position embeddings to match
+        visual_cpu = open_clip.create_model(arch, force_image_size=args.image_size).visual
         size = args.image_size or int(visual_cpu.image_size[0])
         for batch in (int(b) for b in args.batches.split(",")):
             for ckpt in ckpts:

@@ -44,6 +44,17 @@ def test_mask_kernel_equals_philox_reference(triton_kernels: torch.device, p: fl
     assert abs(reference.float().mean().item() - (1 - p)) < 4 * ((p * (1 - p) / numel) ** 0.5) + 1e-9
 
 
+def test_philox_reference_known_answer_and_exact_mulhilo() -> None:
+    # Random123's Philox-4x32-10 known-answer vector: counter (0, 0, 0, 0), key (0, 0) -> 0x6627e8d5 first
+    assert masks.philox_reference(0, torch.tensor([0])).item() == 0x6627E8D5
+    # a * b reaches 2^64 - 2^33 + 1: the int64 product wraps, and the high / low words must still be exact
+    a = torch.tensor([0, 1, 0x7FFFFFFF, 0x80000000, 0xFFFFFFFF, 0xDEADBEEF], dtype=torch.int64)
+    for b in (masks._ROUND_A, masks._ROUND_B, 0xFFFFFFFF):
+        hi, lo = masks._mulhilo(a, b)
+        assert hi.tolist() == [(x * b) >> 32 for x in a.tolist()]
+        assert lo.tolist() == [(x * b) & 0xFFFFFFFF for x in a.tolist()]
+
+
 def test_sample_indices_sorted_reproducible_and_distinct_per_episode() -> None:
     a = sample_indices(10_000, 0.9, mask_seed(0, 3, 1), torch.device("cpu"))
     assert a.dtype == torch.int32 and torch.equal(a, a.sort().values)
