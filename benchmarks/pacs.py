@@ -53,18 +53,21 @@ from gmixout_cli.models import load_classifier  # noqa: E402
 from gmixout_cli.training import finetune  # noqa: E402
 from gmixout_cli.utils.io import write_json, write_yaml  # noqa: E402
 
-# method -> (overrides on the backbone's gmixout recipe, grid key, CPU grid). Every method but `full`
-# starts from the linear-probe head GMixout uses (head_init auto); `full` is the plain baseline (zero head).
+# method -> (overrides on the backbone's gmixout recipe, grid key, CPU grid). `full` is the plain baseline
+# (zero head); every other baseline starts from the linear-probe head (pinned: it stays their protocol when
+# GMixout's recipe changes its own head_init, as EfficientNet-Lite0's did after the crossval sweep).
+LP_HEAD = "model.head_init=auto"  # = linear_probe on these ImageNet backbones (and what cached runs saved)
 METHODS: dict[str, tuple[list[str], str, list[float]]] = {
     "full": (["method.name=full", "model.head_init=zero"], "train.lr", [1e-4, 3e-4]),
-    "lp": (["method.name=lp", "train.lr=0"], "train.head_lr", [1e-3, 1e-2]),
-    "lpft": (["method.name=lpft", "train.head_lr=null"], "train.lr", [3e-5, 1e-4]),
-    "lora": (["method.name=lora", "method.r=8", "method.alpha=16"], "train.lr", [3e-4, 1e-3]),
-    "dora": (["method.name=dora", "method.r=8", "method.alpha=16"], "train.lr", [3e-4, 1e-3]),
-    "mlae": (["method.name=mlae", "method.r=8", "method.alpha=8", "method.p=0.5"], "train.lr", [3e-4, 1e-3]),
-    "mixout": (["method.name=mixout", "method.p=0.9"], "train.lr", [3e-5, 1e-4]),
-    "randmask": (["method.name=randmask", "method.p=0.9", "method.episodes=1", "method.lam=0"], "train.lr",
-                 [1e-4, 3e-4]),
+    "lp": (["method.name=lp", LP_HEAD, "train.lr=0"], "train.head_lr", [1e-3, 1e-2]),
+    "lpft": (["method.name=lpft", LP_HEAD, "train.head_lr=null"], "train.lr", [3e-5, 1e-4]),
+    "lora": (["method.name=lora", LP_HEAD, "method.r=8", "method.alpha=16"], "train.lr", [3e-4, 1e-3]),
+    "dora": (["method.name=dora", LP_HEAD, "method.r=8", "method.alpha=16"], "train.lr", [3e-4, 1e-3]),
+    "mlae": (["method.name=mlae", LP_HEAD, "method.r=8", "method.alpha=8", "method.p=0.5"], "train.lr",
+             [3e-4, 1e-3]),
+    "mixout": (["method.name=mixout", LP_HEAD, "method.p=0.9"], "train.lr", [3e-5, 1e-4]),
+    "randmask": (["method.name=randmask", LP_HEAD, "method.p=0.9", "method.episodes=1", "method.lam=0"],
+                 "train.lr", [1e-4, 3e-4]),
     "gmixout": (["method.name=gmixout"], "train.lr", [1e-4, 3e-4]),
 }
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # training's train.device=auto too

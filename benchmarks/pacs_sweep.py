@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import pacs  # noqa: E402
 from bench_common import ROOT, device_name, git_head  # noqa: E402
 
+from gmixout_cli.config import config_to_dict, flatten_dict, load_config, parse_overrides  # noqa: E402
 from gmixout_cli.utils.io import write_json, write_text  # noqa: E402
 
 VARIANTS: dict[str, list[str]] = {
@@ -39,6 +40,7 @@ VARIANTS: dict[str, list[str]] = {
     "export=last": ["method.export=last"],
     "train_bias_norm=true": ["method.train_bias_norm=true"],
     "head_init=zero": ["model.head_init=zero"],
+    "head_init=linear_probe": ["model.head_init=linear_probe"],
 }
 # Which tensors are targets, per backbone (names differ between timm and torchvision).
 TARGET_VARIANTS: dict[str, dict[str, list[str]]] = {
@@ -58,7 +60,14 @@ TARGET_VARIANTS: dict[str, dict[str, list[str]]] = {
 
 
 def variants_for(backbone: str) -> dict[str, list[str]]:
-    return {**VARIANTS, **TARGET_VARIANTS[backbone]}
+    """The variants that change something in the backbone's recipe (one that restates it is the default)."""
+    recipe = flatten_dict(config_to_dict(load_config(f"gmixout_{backbone}", [])))
+    auto_head = "linear_probe"  # what head_init=auto means on these ImageNet backbones
+    if recipe["model.head_init"] == "auto":
+        recipe["model.head_init"] = auto_head
+    table = {**VARIANTS, **TARGET_VARIANTS[backbone]}
+    return {name: ov for name, ov in table.items()
+            if not ov or any(recipe.get(k) != v for k, v in flatten_dict(parse_overrides(ov)).items())}
 
 
 def paired(scores: dict[str, float], base: dict[str, float]) -> dict[str, float | None]:
@@ -125,6 +134,9 @@ def main(argv: list[str] | None = None) -> int:
     seeds = [int(s) for s in args.seeds.split(",")]
     table = variants_for(args.backbone)
     names = args.variants.split(",") if args.variants else list(table)
+    restated = [v for v in names if v not in table and v in {**VARIANTS, **TARGET_VARIANTS[args.backbone]}]
+    if restated:
+        ap.error(f"variant(s) {', '.join(restated)} restate the {args.backbone} recipe's defaults: leave them out")
     unknown = [v for v in names if v not in table]
     if unknown:
         ap.error(f"unknown variant(s) {', '.join(unknown)}: choose from {', '.join(table)}")
