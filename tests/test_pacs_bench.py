@@ -175,6 +175,17 @@ def test_pacs_sweep_pools_sources_with_the_same_settings(tmp_path: Path) -> None
     assert "| episodes=5 | art_painting, cartoon | 4 | +2.2 ± 1.0 | yes |" in md
 
 
+def test_pacs_sweep_leaves_out_variants_that_restate_the_recipe(tmp_path: Path) -> None:
+    sweep = importlib.import_module("pacs_sweep")
+    # EfficientNet-Lite0's recipe starts from a zero head (chosen by the sweep), MobileNetV2's from a linear probe
+    lite0, mnv2 = sweep.variants_for("efficientnet_lite0"), sweep.variants_for("mobilenet_v2")
+    assert "head_init=linear_probe" in lite0 and "head_init=zero" not in lite0
+    assert "head_init=zero" in mnv2 and "head_init=linear_probe" not in mnv2
+    assert "default" in lite0 and "episodes=5" in lite0
+    with pytest.raises(SystemExit):
+        sweep.main(["--variants", "head_init=zero", "--data", str(_pacs_like(tmp_path / "pacs"))])
+
+
 def test_pacs_sweep_rejects_unknown_variant(tmp_path: Path) -> None:
     sweep = importlib.import_module("pacs_sweep")
     with pytest.raises(SystemExit):
