@@ -278,7 +278,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="extra override for every run (part of the run name's budget: keep it fixed)")
+                    help="extra override for every run (part of the run name's budget: keep it fixed); "
+                         "a method.* field some chosen method never reads is refused, so pair it with --methods")
     ap.add_argument("--no-wise", action="store_true", help="skip the WiSE-FT curve")
     ap.add_argument("--report-only", action="store_true",
                     help="train and score nothing: report the runs in --work that are trained and scored "
