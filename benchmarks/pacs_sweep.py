@@ -59,13 +59,16 @@ TARGET_VARIANTS: dict[str, dict[str, list[str]]] = {
 }
 
 
+def all_variants(backbone: str) -> dict[str, list[str]]:
+    return {**VARIANTS, **TARGET_VARIANTS[backbone]}
+
+
 def variants_for(backbone: str) -> dict[str, list[str]]:
     """The variants that change something in the backbone's recipe (one that restates it is the default)."""
     recipe = flatten_dict(config_to_dict(load_config(f"gmixout_{backbone}", [])))
-    auto_head = "linear_probe"  # what head_init=auto means on these ImageNet backbones
-    if recipe["model.head_init"] == "auto":
-        recipe["model.head_init"] = auto_head
-    table = {**VARIANTS, **TARGET_VARIANTS[backbone]}
+    if recipe["model.head_init"] == "auto":  # auto is the linear probe on these ImageNet backbones
+        recipe["model.head_init"] = "linear_probe"
+    table = all_variants(backbone)
     return {name: ov for name, ov in table.items()
             if not ov or any(recipe.get(k) != v for k, v in flatten_dict(parse_overrides(ov)).items())}
 
@@ -80,12 +83,13 @@ def paired(scores: dict[str, float], base: dict[str, float]) -> dict[str, float 
 
 def pool(out_dir: Path, backbone: str, settings: dict) -> dict:
     """Paired gains over every (source, seed) of this backbone's per-source sweeps run with the same settings."""
-    same = {k: v for k, v in settings.items() if k != "seeds"}
+    def budget(s: dict) -> dict:  # the settings that must match; the seeds may differ
+        return {k: v for k, v in s.items() if k != "seeds"}
+
     sweeps = []
     for path in sorted(out_dir.glob(f"pacs_sweep_{backbone}_*.json")):
         data = json.loads(path.read_text())
-        if data.get("benchmark") == "pacs_sweep" and \
-                {k: v for k, v in data["settings"].items() if k != "seeds"} == same:
+        if data.get("benchmark") == "pacs_sweep" and budget(data["settings"]) == budget(settings):
             sweeps.append(data)
     rows: dict[str, dict] = {}
     for data in sweeps:
@@ -101,7 +105,7 @@ def pool(out_dir: Path, backbone: str, settings: dict) -> dict:
         r["mean"] = statistics.fmean(d)
         r["std"] = statistics.stdev(d) if len(d) > 1 else None
         r["passes"] = r["std"] is not None and r["mean"] > r["std"]  # the rule: gain larger than its spread
-    return {"sources": [d["source"] for d in sweeps], "settings": same, "variants": rows}
+    return {"sources": [d["source"] for d in sweeps], "settings": budget(settings), "variants": rows}
 
 
 def pooled_markdown(backbone: str, pooled: dict) -> str:
@@ -134,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     seeds = [int(s) for s in args.seeds.split(",")]
     table = variants_for(args.backbone)
     names = args.variants.split(",") if args.variants else list(table)
-    restated = [v for v in names if v not in table and v in {**VARIANTS, **TARGET_VARIANTS[args.backbone]}]
+    restated = [v for v in names if v not in table and v in all_variants(args.backbone)]
     if restated:
         ap.error(f"variant(s) {', '.join(restated)} restate the {args.backbone} recipe's defaults: leave them out")
     unknown = [v for v in names if v not in table]
