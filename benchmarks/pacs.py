@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_common import ROOT, device_name, git_head, versions  # noqa: E402
-from pacs_report import write_report  # noqa: E402
+from pacs_report import carry_over, write_report  # noqa: E402
 
 from gmixout_cli.config import config_to_dict, flatten_dict, load_config, read_yaml  # noqa: E402
 from gmixout_cli.config.schema import unused_method_fields  # noqa: E402
@@ -261,7 +261,16 @@ def bench_source(args: argparse.Namespace, source: str, methods: list[str], star
         "selection": selection, "runs": records, "wise_ft_lpft": wise,
         "wall_time_s": time.perf_counter() - started,
     }
-    return write_report(report, args.out / f"pacs_{args.backbone}_{source}")
+    stem = args.out / f"pacs_{args.backbone}_{source}"
+    if args.keep_others:  # rerun some methods (a recipe change), keep the others' rows from the report on disk
+        previous = stem.with_suffix(".json")
+        if not previous.is_file():
+            raise SystemExit(f"--keep-others: no earlier report {previous}; run without it")
+        try:
+            report = carry_over(report, json.loads(previous.read_text()), methods)
+        except ValueError as exc:
+            raise SystemExit(f"--keep-others: {exc}") from None
+    return write_report(report, stem)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -284,6 +293,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--report-only", action="store_true",
                     help="train and score nothing: report the runs in --work that are trained and scored "
                          "(the table's seeds column says how many)")
+    ap.add_argument("--keep-others", action="store_true",
+                    help="write the report with the --methods rows new and every other method's rows (and the "
+                         "rows replaced) from the report already in --out, at the same budget")
     ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "pacs")
     ap.add_argument("--work", type=Path, default=ROOT / "runs" / "pacs-bench")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")

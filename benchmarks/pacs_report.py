@@ -48,6 +48,33 @@ def wise_mean_curve(report: dict[str, Any]) -> list[dict[str, Any]]:
             for pts in zip(*curves)]
 
 
+BUDGET_KEYS = ("epochs", "image_size", "batch_size", "seeds", "extra_overrides")
+
+
+def carry_over(new: dict[str, Any], old: dict[str, Any], rerun: list[str]) -> dict[str, Any]:
+    """`new` (the methods in `rerun`) completed with the other methods' selection, runs and WiSE-FT curve from
+    `old`, a report written before at the same budget. Each method's training commit stays on record
+    (`row_commits`), and the rows a rerun replaces are kept under `replaced` (summary and commit)."""
+    differ = [k for k in BUDGET_KEYS if old["settings"].get(k) != new["settings"].get(k)]
+    if differ:
+        raise ValueError(f"the earlier report's {', '.join(differ)} differ from this run's: rerun every method")
+    old_commits = old.get("row_commits") or {r["method"]: old["git_commit"] for r in old["runs"]}
+    kept = [r for r in old["runs"] if r["method"] not in rerun]
+    out = dict(new, runs=kept + new["runs"],
+               selection={**{m: v for m, v in old["selection"].items() if m not in rerun}, **new["selection"]})
+    out["settings"] = dict(new["settings"], method_overrides={**old["settings"].get("method_overrides", {}),
+                                                              **new["settings"]["method_overrides"]})
+    if "lpft" not in rerun:
+        out["wise_ft_lpft"] = old.get("wise_ft_lpft", [])
+    out["row_commits"] = {**{r["method"]: old_commits.get(r["method"], old["git_commit"]) for r in kept},
+                          **{r["method"]: new["git_commit"] for r in new["runs"]}}
+    out["device"] = ", ".join(sorted({r["device"] for r in out["runs"]}))
+    out["replaced"] = list(old.get("replaced", [])) + [
+        {"method": m, "git_commit": old_commits.get(m, old["git_commit"]), "summary": old["summary"][m]}
+        for m in rerun if m in old.get("summary", {})]
+    return out
+
+
 def markdown(report: dict[str, Any], summary: dict[str, dict[str, Any]]) -> str:
     ood = report["ood_domains"]
     s = report["settings"]
@@ -68,7 +95,19 @@ def markdown(report: dict[str, Any], summary: dict[str, dict[str, Any]]) -> str:
         cells = [method, lr] + [f"{m[k]['mean']:.1f} ± {m[k]['std']:.1f}" for k in ("test", "crossval", *ood,
                                                                                   "ood_mean")]
         lines.append("| " + " | ".join(cells + [str(m["test"]["n"])]) + " |")
-    lines += ["", f"device {report['device']}, commit {report['git_commit']}, {report['date'][:10]}; "
+    for old in report.get("replaced", []):  # a method's earlier rows, before a recipe change reran it
+        m = old["summary"]
+        cells = [f"{old['method']} (replaced; commit {old['git_commit'][:7]})", ""] + [
+            f"{m[k]['mean']:.1f} ± {m[k]['std']:.1f}" for k in ("test", "crossval", *ood, "ood_mean")]
+        lines.append("| " + " | ".join(cells + [str(m["test"]["n"])]) + " |")
+    commits = report.get("row_commits")
+    trained = f"commit {report['git_commit']}"
+    if commits and len(set(commits.values())) > 1:
+        by_commit: dict[str, list[str]] = {}
+        for method, commit in commits.items():
+            by_commit.setdefault(commit[:7], []).append(method)
+        trained = "trained at commits " + "; ".join(f"{c} ({', '.join(ms)})" for c, ms in by_commit.items())
+    lines += ["", f"device {report['device']}, {trained}, {report['date'][:10]}; "
               f"`{report['command']}`. ID test is PACS's official test list (train + crossval images); "
               "ID crossval is held out but selected the learning rate."]
     return "\n".join(lines) + "\n"

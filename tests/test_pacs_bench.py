@@ -84,6 +84,15 @@ def test_pacs_benchmark_end_to_end(tmp_path: Path) -> None:
     assert partial["summary"]["gmixout"]["test"]["n"] == 1 and partial["summary"]["lp"]["test"]["n"] == 2
     assert "| gmixout |" in (tmp_path / "out" / "pacs_efficientnet_lite0_photo.md").read_text()
 
+    # --keep-others: only lp is reported anew, every other method's rows come from the report on disk
+    keep = [a if a != "lp,lpft,gmixout" else "lp" for a in argv]
+    assert pacs.main([*keep, "--report-only", "--keep-others"]) == 0
+    kept = json.loads((tmp_path / "out" / "pacs_efficientnet_lite0_photo.json").read_text())
+    assert set(kept["summary"]) == set(partial["summary"]) and kept["replaced"][0]["method"] == "lp"
+    assert kept["summary"]["gmixout"] == partial["summary"]["gmixout"] and kept["wise_ft_lpft"]
+    with pytest.raises(SystemExit, match="epochs"):
+        pacs.main([*keep, "--report-only", "--keep-others", "--epochs", "2"])
+
 
 def test_summary_mean_std_and_wise_selection() -> None:
     def run(method: str, seed: int, test: float, ood: tuple[float, float]) -> dict:
@@ -100,6 +109,36 @@ def test_summary_mean_std_and_wise_selection() -> None:
     assert s["full"]["ood_mean"]["mean"] == pytest.approx(60.0)
     assert report.wise_selected(curve)["alpha"] == 1.0  # crossval tie: the larger alpha
     assert s["wise-ft (lpft)"]["ood_mean"]["mean"] == pytest.approx(60.0) and s["wise-ft (lpft)"]["test"]["n"] == 1
+
+
+def _report(commit: str, runs: list[dict], settings: dict | None = None) -> dict:
+    base = {"epochs": 2, "image_size": 128, "batch_size": 32, "seeds": [0, 1], "extra_overrides": [],
+            "method_overrides": {r["method"]: [] for r in runs}}
+    return {"backbone": "b", "source": "photo", "ood_domains": ["a", "b"], "git_commit": commit, "date": "2026-11-23",
+            "command": "pacs.py", "device": "cpu", "settings": dict(base, **(settings or {})), "runs": runs,
+            "selection": {r["method"]: {"key": "train.lr", "selected": 1e-4} for r in runs},
+            "wise_ft_lpft": []}
+
+
+def test_keep_others_replaces_one_method_and_keeps_its_old_rows() -> None:
+    def run(method: str, seed: int, ood: float, device: str = "cpu") -> dict:
+        return {"method": method, "seed": seed, "test": 0.9, "crossval": 0.9, "ood": {"a": ood, "b": ood},
+                "ood_mean": ood, "device": device}
+
+    old = _report("a" * 40, [run("full", 0, 0.4), run("full", 1, 0.5), run("gmixout", 0, 0.6), run("gmixout", 1, 0.7)])
+    old["summary"] = report.summarise(old)
+    new = _report("b" * 40, [run("gmixout", 0, 0.3, "gpu"), run("gmixout", 1, 0.2, "gpu")])
+    merged = report.carry_over(new, old, ["gmixout"])
+    assert sorted((r["method"], r["ood_mean"]) for r in merged["runs"]) == [
+        ("full", 0.4), ("full", 0.5), ("gmixout", 0.2), ("gmixout", 0.3)]
+    assert merged["row_commits"] == {"full": "a" * 40, "gmixout": "b" * 40} and merged["device"] == "cpu, gpu"
+    assert merged["replaced"][0]["method"] == "gmixout"
+    assert merged["replaced"][0]["summary"]["ood_mean"]["mean"] == pytest.approx(65.0)
+    md = report.markdown(merged, report.summarise(merged))
+    assert "| gmixout (replaced; commit aaaaaaa) |" in md and "65.0 ± 7.1" in md
+    assert "aaaaaaa (full); bbbbbbb (gmixout)" in md
+    with pytest.raises(ValueError, match="epochs"):  # a different budget cannot share a table
+        report.carry_over(_report("c" * 40, new["runs"], {"epochs": 3}), old, ["gmixout"])
 
 
 def test_cached_run_is_stale_when_its_recipe_changed(tmp_path: Path) -> None:
