@@ -33,3 +33,12 @@ def test_every_method_steps_and_gets_its_ratios(tmp_path: Path) -> None:
         assert rec["step_s_median"] > 0 and rec["images_per_s"] > 0 and rec["peak_memory_bytes"] > 0
         assert rec["vs_full"]["step_time"] > 0 and rec["vs_lora_r8"]["peak_memory"] > 0
     assert records["full"]["vs_full"]["step_time"] == pytest.approx(1.0)
+
+
+def test_rss_phases_records_every_phase_of_every_step() -> None:
+    rss_phases = importlib.import_module("rss_phases")
+    peaks = rss_phases.measure("timm:test_vit", "gmixout", batch=2, steps=2, extra=["method.p=0.9", "method.k=10"])
+    for step in (0, 1):
+        assert all(f"step{step}.{p}" in peaks for p in ("forward", "backward", "optimizer", "between"))
+    assert all(v > 100 * 2**20 for v in peaks.values())  # resident sets of a process that imported torch
+    assert peaks["build"] >= peaks["start"]
