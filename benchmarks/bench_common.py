@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import datetime
 import platform
 import subprocess
+import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -27,6 +30,13 @@ def git_head() -> str | None:
         return head + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return None
+
+
+def provenance(benchmark: str, device: torch.device) -> dict[str, Any]:
+    """The keys a result JSON starts with: what ran, where, when, at which commit, by which command."""
+    return {"benchmark": benchmark, "device": device_name(device),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(), "git_commit": git_head(),
+            "command": " ".join(["python", f"benchmarks/{Path(sys.argv[0]).name}", *sys.argv[1:]])}
 
 
 def next_free(path: Path) -> Path:

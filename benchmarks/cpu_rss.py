@@ -10,7 +10,6 @@ other's), and the JSON with both reports and their ratio goes to benchmarks/resu
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import subprocess
 import sys
@@ -19,7 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import ROOT, device_name, git_head  # noqa: E402
+from bench_common import ROOT, provenance  # noqa: E402
 
 
 def run_profile(model: str, method: str, batch: int, steps: int, extra: list[str]) -> dict:
@@ -41,9 +40,7 @@ def main() -> None:
     full = run_profile(args.model, "full", args.batch_size, args.steps, [])
     ours = run_profile(args.model, "gmixout", args.batch_size, args.steps, [f"method.p={args.p}", "method.k=10"])
     result = {
-        "benchmark": "cpu_rss", "device": device_name(torch.device("cpu")),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(), "git_commit": git_head(),
-        "command": " ".join(["python", "benchmarks/cpu_rss.py", *sys.argv[1:]]),
+        **provenance("cpu_rss", torch.device("cpu")),
         "torch": torch.__version__, "model": args.model, "batch_size": args.batch_size, "p": args.p,
         "full": full, "gmixout": ours,
         "ratio_steady_peak_rss": ours["steady_peak_bytes"] / full["steady_peak_bytes"],

@@ -20,7 +20,6 @@ Results go to benchmarks/results/epilogue_gather_<device>.json.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import sys
 from pathlib import Path
@@ -29,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import ROOT, device_name, git_head  # noqa: E402
+from bench_common import ROOT, provenance  # noqa: E402
 from kernel_bench import ARCHS, shapes, timeit  # noqa: E402
 
 from gmixout_cli.kernels import gather_add_, sample_indices  # noqa: E402
@@ -172,9 +171,7 @@ def main() -> None:
         r["model_totals_s"] = {k: blocks * sum(t[k] for t in r["targets"])
                                for k in ("mm_only_s", "dense_then_gather_s", "fused_best_s")}
     result = {
-        "benchmark": "epilogue_gather", "device": device_name(device),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(), "git_commit": git_head(),
-        "command": " ".join(["python", "benchmarks/epilogue_gather.py", *sys.argv[1:]]),
+        **provenance("epilogue_gather", device),
         "torch": torch.__version__, "triton": triton.__version__, "p": args.p, "checks": checks, "records": records,
         "verdict_rule": "adopt in the engine only if fused_best_s < dense_then_gather_s at ViT-B/16 batch 128",
     }

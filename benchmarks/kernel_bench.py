@@ -12,7 +12,6 @@ Results go to benchmarks/results/kernel_bench_<device>.json.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import statistics
@@ -25,11 +24,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import device_name, git_head  # noqa: E402
+from bench_common import ROOT, provenance  # noqa: E402
 
 from gmixout_cli.kernels import masks, sparse_adamw, sparse_ops  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 # (width, mlp width, blocks) of open_clip's visual towers
 ARCHS = {"ViT-B-16": (768, 3072, 12), "ViT-L-14": (1024, 4096, 24)}
 
@@ -102,11 +100,8 @@ def main() -> None:
                       for key in next(iter(per_shape.values())) if key.endswith("_s")}
             records.append({"arch": arch, "p": p, "blocks": blocks, "per_shape": per_shape, "model_totals_s": totals})
             print(arch, p, {k: f"{v * 1e3:.2f} ms" for k, v in totals.items()})
-    name = device_name(device)
-    commit = git_head()
     result = {
-        "benchmark": "kernel_bench", "device": name, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-        "git_commit": commit, "command": " ".join(["python", "benchmarks/kernel_bench.py", *sys.argv[1:]]),
+        **provenance("kernel_bench", device),
         "torch": torch.__version__, "triton_kernels_timed": triton_ok,
         "note": "" if triton_ok else "no GPU: PyTorch references and dense AdamW on CPU only; Triton kernels not timed",
         "records": records,

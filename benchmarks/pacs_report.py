@@ -58,7 +58,7 @@ def carry_over(new: dict[str, Any], old: dict[str, Any], rerun: list[str]) -> di
     differ = [k for k in BUDGET_KEYS if old["settings"].get(k) != new["settings"].get(k)]
     if differ:
         raise ValueError(f"the earlier report's {', '.join(differ)} differ from this run's: rerun every method")
-    old_commits = old.get("row_commits") or {r["method"]: old["git_commit"] for r in old["runs"]}
+    old_commits = {**{r["method"]: old["git_commit"] for r in old["runs"]}, **old.get("row_commits", {})}
     kept = [r for r in old["runs"] if r["method"] not in rerun]
     out = dict(new, runs=kept + new["runs"],
                selection={**{m: v for m, v in old["selection"].items() if m not in rerun}, **new["selection"]})
@@ -66,11 +66,11 @@ def carry_over(new: dict[str, Any], old: dict[str, Any], rerun: list[str]) -> di
                                                               **new["settings"]["method_overrides"]})
     if "lpft" not in rerun:
         out["wise_ft_lpft"] = old.get("wise_ft_lpft", [])
-    out["row_commits"] = {**{r["method"]: old_commits.get(r["method"], old["git_commit"]) for r in kept},
+    out["row_commits"] = {**{r["method"]: old_commits[r["method"]] for r in kept},
                           **{r["method"]: new["git_commit"] for r in new["runs"]}}
     out["device"] = ", ".join(sorted({r["device"] for r in out["runs"]}))
     out["replaced"] = list(old.get("replaced", [])) + [
-        {"method": m, "git_commit": old_commits.get(m, old["git_commit"]), "summary": old["summary"][m]}
+        {"method": m, "git_commit": old_commits[m], "summary": old["summary"][m]}
         for m in rerun if m in old.get("summary", {})]
     return out
 
@@ -86,20 +86,19 @@ def markdown(report: dict[str, Any], summary: dict[str, dict[str, Any]]) -> str:
         "| " + " | ".join(head) + " |",
         "|" + "---|" * len(head),
     ]
+    def row(name: str, lr: str, m: dict[str, Any]) -> str:
+        cells = [f"{m[k]['mean']:.1f} ± {m[k]['std']:.1f}" for k in ("test", "crossval", *ood, "ood_mean")]
+        return "| " + " | ".join([name, lr, *cells, str(m["test"]["n"])]) + " |"
+
     for method, m in summary.items():
         sel = report["selection"].get(method.split(" ")[0] if method.startswith("wise") else method)
         if method.startswith("wise"):
             lr = "α on crossval"
         else:
             lr = f"{sel['key'].split('.')[-1]}={sel['selected']:g}" if sel else ""
-        cells = [method, lr] + [f"{m[k]['mean']:.1f} ± {m[k]['std']:.1f}" for k in ("test", "crossval", *ood,
-                                                                                  "ood_mean")]
-        lines.append("| " + " | ".join(cells + [str(m["test"]["n"])]) + " |")
+        lines.append(row(method, lr, m))
     for old in report.get("replaced", []):  # a method's earlier rows, before a recipe change reran it
-        m = old["summary"]
-        cells = [f"{old['method']} (replaced; commit {old['git_commit'][:7]})", ""] + [
-            f"{m[k]['mean']:.1f} ± {m[k]['std']:.1f}" for k in ("test", "crossval", *ood, "ood_mean")]
-        lines.append("| " + " | ".join(cells + [str(m["test"]["n"])]) + " |")
+        lines.append(row(f"{old['method']} (replaced; commit {old['git_commit'][:7]})", "", old["summary"]))
     commits = report.get("row_commits")
     trained = f"commit {report['git_commit']}"
     if commits and len(set(commits.values())) > 1:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import ctypes
 import dataclasses
-import datetime
 import json
 import subprocess
 import sys
@@ -24,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import ROOT, device_name, git_head  # noqa: E402
+from bench_common import ROOT, provenance  # noqa: E402
 
 from gmixout_cli.config import load_config  # noqa: E402
 from gmixout_cli.utils.memory import current_rss_bytes  # noqa: E402
@@ -108,9 +107,7 @@ def main() -> None:
     if args.one:
         print(json.dumps(measure(args.model, args.one, args.batch_size, args.steps, extra[args.one])))
         return
-    result: dict = {"benchmark": "rss_phases", "device": device_name(torch.device("cpu")),
-                    "date": datetime.datetime.now(datetime.timezone.utc).isoformat(), "git_commit": git_head(),
-                    "command": " ".join(["python", "benchmarks/rss_phases.py", *sys.argv[1:]]),
+    result: dict = {**provenance("rss_phases", torch.device("cpu")),
                     "model": args.model, "batch_size": args.batch_size, "p": args.p}
     for method in extra:  # each in its own process, as cpu_rss.py
         out = subprocess.run([sys.executable, __file__, "--one", method, "--model", args.model, "--batch-size",
