@@ -1,4 +1,4 @@
-"""The one exception type that reaches the user as a one-line message and exit code 2."""
+"""The exception types that reach the user as a one-line message and a chosen exit code."""
 
 from __future__ import annotations
 
@@ -10,12 +10,21 @@ class UserError(Exception):
     """
 
     exit_code = 2
+    label = "error"
 
     def __init__(self, message: str) -> None:
         super().__init__(" ".join(message.split()))
 
 
 class Interrupted(UserError):
-    """Training stopped on a signal after writing a checkpoint."""
+    """A run stopped on a signal (after writing a checkpoint where there was progress to keep).
 
-    exit_code = 130
+    The exit code is the shell's for that signal, 128 + its number: 130 for SIGINT, 143 for SIGTERM,
+    129 for SIGHUP, so schedulers and scripts can tell a stop from a failure (1) or a user error (2).
+    """
+
+    label = ""  # the message says "stopped by ..." itself
+
+    def __init__(self, message: str, exit_code: int = 130) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code

@@ -34,3 +34,33 @@ def write_domains(root: Path, domains: tuple[str, ...] = ("src", "tgt"), per_cla
 def domains(tmp_path: Path) -> Path:
     """A source domain `src` and a shifted sibling `tgt`, 3 colour classes, 12 images each."""
     return write_domains(tmp_path / "data")
+
+
+TINY_ARGS = ["--model", "timm:test_efficientnet", "model.weights=random", "data.image_size=32", "train.epochs=2",
+             "train.batch_size=8", "data.num_workers=0", "train.log_every=1", "train.lr=1e-3",
+             "train.warmup_steps=0", "train.eval_batch_size=16", "train.deterministic=true"]
+
+
+@pytest.fixture
+def cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]):
+    """Run the real console entry point in this process: returns (exit code, stdout, stderr)."""
+    import sys
+    import warnings
+
+    from gmixout_cli.cli.app import main
+
+    monkeypatch.setenv("COLUMNS", "300")
+    monkeypatch.setattr(warnings, "showwarning", warnings.showwarning)  # main() replaces it; restored after
+
+    def run(*args: str) -> tuple[int, str, str]:
+        capsys.readouterr()
+        monkeypatch.setattr(sys, "argv", ["gmixout", *args])
+        try:
+            main()
+            code = 0
+        except SystemExit as exc:
+            code = int(exc.code or 0)
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run

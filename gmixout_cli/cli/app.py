@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import errno
 import sys
 import warnings
 
@@ -14,6 +15,8 @@ import typer
 from gmixout_cli.cli import evaluate, finetune, merge, profile, recipes
 from gmixout_cli.cli.common import err_console
 from gmixout_cli.errors import UserError
+
+DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)  # the disk, not the program: one line, no traceback
 
 app = typer.Typer(
     name="gmixout",
@@ -37,8 +40,16 @@ def main() -> None:
     try:
         app()
     except UserError as exc:
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        label = f"[bold red]{exc.label}:[/] " if exc.label else ""
+        err_console.print(f"{label}{exc}", highlight=False, soft_wrap=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         err_console.print("[bold red]interrupted[/]")
         sys.exit(130)
+    except OSError as exc:
+        if exc.errno not in DISK_ERRORS:
+            raise
+        where = f" writing {exc.filename}" if exc.filename else ""
+        err_console.print(f"[bold red]error:[/] {exc.strerror}{where}: free space (or choose another --out) and "
+                          "run the command again; files already written are intact", highlight=False, soft_wrap=True)
+        sys.exit(2)

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import shutil
-
 import typer
 import yaml
 from rich.syntax import Syntax
 from rich.table import Table
 
 from gmixout_cli.cli.common import OVERRIDES_HELP, RECIPE_HELP, console, split_csv, scores_table
-from gmixout_cli.errors import UserError
 
 
 def register(app: typer.Typer) -> None:
@@ -29,7 +26,8 @@ def finetune(
     out: str = typer.Option(None, "--out", "-o", help="Run folder to create (default: a new folder under runs/).",
                             show_default=False),
     resume: str = typer.Option(None, "--resume", help="Continue a stopped run from its checkpoint: a run folder, "
-                               "or [cyan]auto[/] for the latest unfinished run under runs/.", show_default=False),
+                               "or [cyan]auto[/]: with --out, that folder's run (a fresh start if it holds none), "
+                               "else the latest unfinished run under runs/.", show_default=False),
 ) -> None:
     """Fine-tune a model on one domain, then evaluate it on its sibling domains.
 
@@ -44,33 +42,25 @@ def finetune(
 
       gmixout finetune -r full -d ./pacs/photo train.epochs=3 train.lr=1e-5 train.checkpoint_every=500
 
-      gmixout finetune --resume auto
+      gmixout finetune --resume auto --out runs/job42   # a requeued cluster job: continue or start
+
+    A stop signal (SIGINT, SIGTERM, SIGHUP) finishes the current step, writes a checkpoint and exits
+    with 128 + the signal's number; --resume continues from it.
     """
-    from gmixout_cli.config import config_to_dict, load_config
+    from gmixout_cli.config import config_to_dict
     from gmixout_cli.training import finetune as run_finetune
-    from gmixout_cli.training import new_run_dir, resume_run
-    from gmixout_cli.utils.io import write_yaml
+    from gmixout_cli.training import open_run
     from gmixout_cli.utils.memory import oom_advice
 
     shortcuts = {"model.name": model, "data.root": data, "data.ood": split_csv(ood)}
-    if resume:
-        run_dir, cfg = resume_run(resume, recipe, overrides or [], shortcuts)
-    else:
-        cfg = load_config(recipe, overrides or [], shortcuts)
-        if not cfg.data.root:
-            raise UserError("no training data: pass --data ROOT/DOMAIN (or data.root=...), or use --recipe quickstart")
-        run_dir = new_run_dir(out, cfg)
-        write_yaml(run_dir / "config.yaml", config_to_dict(cfg))
-    resolved = yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
-    console.print(f"[bold]run folder[/] {run_dir}")
-    console.print(Syntax(resolved, "yaml", theme="ansi_dark", background_color="default"))
-    try:
+    with open_run(resume, out, recipe, overrides or [], shortcuts) as run:
+        cfg = run.cfg
+        resolved = yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+        console.print(f"[bold]{'resuming' if run.resume else 'run folder'}[/] {run.path}")
+        console.print(Syntax(resolved, "yaml", theme="ansi_dark", background_color="default"))
         with oom_advice(cfg.train.batch_size, cfg.train.micro_batch_size):
-            results = run_finetune(cfg, run_dir, console, resume=bool(resume))
-    except UserError:
-        if not resume and [p.name for p in run_dir.iterdir()] == ["config.yaml"]:
-            shutil.rmtree(run_dir)  # nothing but our own config was written: leave no empty run behind
-        raise
+            results = run_finetune(cfg, run.path, console, resume=run.resume)
+    run_dir = run.path
     console.print(scores_table(f"{cfg.model.name} / {cfg.method.name}", results))
     summary = Table(title="run", show_header=False)
     summary.add_column("what")

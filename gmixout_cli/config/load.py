@@ -11,6 +11,7 @@ from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 
+from gmixout_cli.config.safe_yaml import MAX_BYTES, load_bounded
 from gmixout_cli.config.schema import Config
 from gmixout_cli.errors import UserError
 
@@ -23,7 +24,7 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         if not sep or not key or any(not part for part in key.split(".")):
             raise UserError(f"override '{item}' is not key=value: write it like method.p=0.95")
         try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
+            value = load_bounded(raw, f"override '{key}'") if raw.strip() else ""
         except yaml.YAMLError:
             value = raw
         node = out
@@ -50,11 +51,14 @@ def merge_dicts(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
 def read_yaml(path: Path) -> dict[str, Any]:
     """Read a recipe file with the safe loader; a clear error for malformed YAML."""
     try:
-        text = path.read_text()
+        if path.stat().st_size > MAX_BYTES:  # refused before reading a huge file into memory
+            raise UserError(f"recipe {path} is {path.stat().st_size:,} bytes, more than a recipe can be "
+                            f"({MAX_BYTES // 1024} KiB): check the path")
+        text = path.read_text(errors="replace")
     except OSError as exc:
         raise UserError(f"cannot read recipe {path}: {exc.strerror}; check the path") from None
     try:
-        data = yaml.safe_load(text)
+        data = load_bounded(text, f"recipe {path}")
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, Dataset
 from gmixout_cli.data.folders import Item
 from gmixout_cli.data.transforms import to_rgb
 from gmixout_cli.errors import UserError
+from gmixout_cli.utils.signals import ignore_stop_signals
 
 
 class ImageReadError(UserError):
@@ -72,9 +73,11 @@ class ImageListDataset(Dataset):
         return self.transform(read_image(path)), int(label)
 
 
-def _seed_worker(worker_id: int) -> None:
-    """Seed numpy and `random` in each worker from its torch seed (itself derived from the loader's
-    generator), so any augmentation that uses them is reproducible too."""
+def init_worker(worker_id: int) -> None:
+    """In each worker: leave stop signals to the main process (it checkpoints, then ends the workers), and
+    seed numpy and `random` from the worker's torch seed (itself derived from the loader's generator), so
+    any augmentation that uses them is reproducible too."""
+    ignore_stop_signals()
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
     random.seed(seed)
@@ -104,7 +107,7 @@ def make_loader(
         shuffle=shuffle,
         num_workers=num_workers,
         generator=generator,
-        worker_init_fn=_seed_worker if num_workers > 0 else None,
+        worker_init_fn=init_worker if num_workers > 0 else None,
         persistent_workers=False,
         pin_memory=torch.cuda.is_available(),
         drop_last=drop_last,

@@ -59,8 +59,11 @@ def _problems(paths: Sequence[Path], workers: int) -> list[str | None]:
     """`image_problem` of each path, in order, decoded by `max(1, workers)` threads."""
     if not paths:
         return []
-    with ThreadPoolExecutor(max_workers=max(1, int(workers))) as pool:
+    pool = ThreadPoolExecutor(max_workers=max(1, int(workers)))
+    try:
         return list(pool.map(image_problem, paths))
+    finally:  # on a stop signal, drop the queued images instead of decoding them all first
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _plural(n: int, noun: str) -> str:

@@ -149,11 +149,13 @@ class GMixout:
         return tensors, {"episode": self.episode, "steps_in_episode": self.steps_in_episode}
 
     def load_state_dict(self, tensors: dict[str, torch.Tensor], values: dict[str, Any]) -> None:
-        self.episode, self.steps_in_episode = values["episode"], values["steps_in_episode"]
+        self.episode, self.steps_in_episode = int(values["episode"]), int(values["steps_in_episode"])
         for t in self.targets:
+            indices, vals = tensors[f"{t.name}.indices"], tensors[f"{t.name}.values"]
+            _check_sparse_state(t.name, indices, vals, t.weight)
             self.sparse.state.pop(t.group["params"][0], None)
-            t.group["indices"] = tensors[f"{t.name}.indices"].to(t.weight.device)
-            t.group["params"] = [tensors[f"{t.name}.values"].to(t.weight.device)]
+            t.group["indices"] = indices.to(t.weight.device)
+            t.group["params"] = [vals.to(t.weight.device)]
 
     # -- episodes ---------------------------------------------------------------------------
     def _fold_in(self) -> None:
@@ -163,3 +165,14 @@ class GMixout:
             (vals,) = t.group["params"]
             fold_in_(t.weight.data.view(-1), t.group["indices"], vals, coef)
         self.steps_in_episode = 0
+
+
+def _check_sparse_state(name: str, indices: torch.Tensor, vals: torch.Tensor, weight: torch.Tensor) -> None:
+    """A checkpoint's episode state must fit its target: the kernels index the weight with it unchecked."""
+    ok = (indices.dtype == torch.int32 and indices.ndim == 1 and vals.shape == indices.shape
+          and vals.dtype == weight.dtype)
+    if ok and indices.numel():
+        ok = (int(indices[0]) >= 0 and int(indices[-1]) < weight.numel()
+              and bool((indices[1:] > indices[:-1]).all()))
+    if not ok:
+        raise ValueError(f"the sparse state of {name} does not fit that weight")

@@ -12,6 +12,7 @@ from gmixout_cli.models.common import BuiltModel, short
 from gmixout_cli.utils.io import save_safetensors
 
 FORMAT = "gmixout/1"
+JSON_FIELDS = ("class_names", "mean", "std", "config", "open_clip_config")
 REQUIRED = (
     "format", "library", "arch", "num_classes", "class_names", "image_size", "mean", "std", "normalize_features",
 )
@@ -120,6 +121,16 @@ def read_metadata(path: Path) -> dict[str, str]:
         raise UserError(
             f"{path} was written for library '{meta['library']}', which this gmixout cannot rebuild; upgrade gmixout"
         )
+    for key in JSON_FIELDS:  # parsed by every reader: a damaged or hostile value is refused here, once
+        if key in meta:
+            try:
+                json.loads(meta[key])
+            except (ValueError, RecursionError):
+                raise UserError(f"{path} has damaged metadata '{key}': re-export the model") from None
+    try:
+        int(meta["num_classes"]), int(meta["image_size"])
+    except ValueError:
+        raise UserError(f"{path} has damaged metadata 'num_classes' or 'image_size': re-export the model") from None
     return meta
 
 

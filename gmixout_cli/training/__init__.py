@@ -1,8 +1,9 @@
 """The training loop and run folders."""
 
-from gmixout_cli.training.loop import Trainer, finetune, input_size, make_trainer
-from gmixout_cli.training.runs import latest_run, new_run_dir, read_run_config, resume_run
+from gmixout_cli.training.pipeline import finetune
+from gmixout_cli.training.loop import Trainer, input_size, make_trainer
+from gmixout_cli.training.runs import RunFolder, latest_run, open_run, read_run_config
 
 __all__ = [
-    "Trainer", "finetune", "input_size", "latest_run", "make_trainer", "new_run_dir", "read_run_config", "resume_run",
+    "RunFolder", "Trainer", "finetune", "input_size", "latest_run", "make_trainer", "open_run", "read_run_config",
 ]

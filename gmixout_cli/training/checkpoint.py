@@ -63,27 +63,67 @@ def save_checkpoint(run_dir: Path, trainer: Any, progress: dict[str, Any], cfg: 
     return path
 
 
+META_KEYS = ("progress", "method", "optimizer_steps", "step", "schedule", "config_hash")
+
+
 def read_checkpoint_meta(path: Path) -> dict[str, Any]:
-    """The JSON metadata of a checkpoint; a clear error for other files."""
+    """The JSON metadata of a checkpoint; a clear error for other files (foreign, damaged, hostile)."""
     try:
         with safe_open(str(path), framework="pt") as f:
             raw = (f.metadata() or {}).get("gmixout_checkpoint")
     except Exception:  # noqa: BLE001 - safetensors raises several types on damaged files
         raw = None
+    if raw is None and _has_checkpoint_header(path):
+        raise UserError(f"{path} is truncated or damaged (its data does not match its header): it cannot be "
+                        "resumed; delete it to start the run again")
     if raw is None:
         raise UserError(f"{path} is not a readable gmixout checkpoint: resume from a run folder that has one")
-    return json.loads(raw)
+    try:
+        meta = json.loads(raw)
+    except (ValueError, RecursionError):
+        meta = None
+    if not isinstance(meta, dict) or any(k not in meta for k in META_KEYS):
+        raise UserError(f"{path} has damaged or foreign checkpoint metadata: it cannot be resumed; delete it to "
+                        "start the run again")
+    return meta
+
+
+def _has_checkpoint_header(path: Path) -> bool:
+    """Whether the file starts like one of our checkpoints (so a failed read means damage, not a foreign file)."""
+    try:
+        with open(path, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            return 0 < size <= 100_000_000 and b'"gmixout_checkpoint"' in f.read(size)
+    except OSError:
+        return False
 
 
 def load_checkpoint(path: Path, trainer: Any) -> dict[str, Any]:
-    """Restore a checkpoint into a freshly built trainer; returns its metadata."""
+    """Restore a checkpoint into a freshly built trainer; returns its metadata.
+
+    Every tensor is checked against the trainer before use: a truncated, foreign or edited file is a one-line
+    error, never a crash mid-step or an out-of-range index handed to a kernel.
+    """
     meta = read_checkpoint_meta(path)
-    tensors = load_file(str(path))
+    try:
+        tensors = load_file(str(path))
+    except Exception:  # noqa: BLE001 - a truncated or overwritten data section
+        raise UserError(f"{path} is truncated or damaged (its data does not match its header): it cannot be "
+                        "resumed; delete it to start the run again") from None
+    try:
+        _restore(tensors, meta, trainer)
+    except (KeyError, ValueError, TypeError, RuntimeError) as exc:
+        reason = " ".join(str(exc).split())[:200]
+        raise UserError(f"checkpoint {path} does not match this run ({reason}): resume with the run's own config "
+                        "and files, or delete it to start again") from None
+    return meta
+
+
+def _restore(tensors: dict[str, torch.Tensor], meta: dict[str, Any], trainer: Any) -> None:
     model_state = {k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")}
     missing, unexpected = trainer.model.load_state_dict(model_state, strict=False)
     if missing or unexpected:
-        raise UserError(f"checkpoint {path} does not match this model ({len(missing)} missing, {len(unexpected)} "
-                        "unexpected tensors): resume with the run's own config")
+        raise ValueError(f"{len(missing)} missing, {len(unexpected)} unexpected model tensors")
     trainer.method.load_state_dict({k[len("method/"):]: v for k, v in tensors.items() if k.startswith("method/")},
                                    meta["method"])
     for i, opt in enumerate(trainer.optimizers):
@@ -93,21 +133,24 @@ def load_checkpoint(path: Path, trainer: Any) -> dict[str, Any]:
                 key = f"opt{i}/{gi}/{pi}"
                 if key not in meta["optimizer_steps"]:
                     continue
+                moments = {m: tensors[f"{key}/{m}"] for m in ("exp_avg", "exp_avg_sq")}
+                if any(v.shape != param.shape or v.dtype != param.dtype for v in moments.values()):
+                    raise ValueError(f"optimizer moments {key} have another shape than their parameter")
                 step = meta["optimizer_steps"][key]
                 opt.state[param] = {
                     # torch's AdamW keeps the step as a tensor, the sparse one as an int
-                    "step": torch.tensor(step) if isinstance(opt, torch.optim.AdamW) else int(step),
-                    "exp_avg": tensors[f"{key}/exp_avg"].to(param.device),
-                    "exp_avg_sq": tensors[f"{key}/exp_avg_sq"].to(param.device),
+                    "step": torch.tensor(float(step)) if isinstance(opt, torch.optim.AdamW) else int(step),
+                    **{m: v.to(param.device) for m, v in moments.items()},
                 }
+    if len(meta["schedule"]) != len(trainer.schedulers):
+        raise ValueError("another number of learning-rate schedules")
     for sched, last in zip(trainer.schedulers, meta["schedule"]):
-        sched.last_epoch = last
-        lrs = [base * fn(last) for base, fn in zip(sched.base_lrs, sched.lr_lambdas)]
+        sched.last_epoch = int(last)
+        lrs = [base * fn(sched.last_epoch) for base, fn in zip(sched.base_lrs, sched.lr_lambdas)]
         for group, lr in zip(sched.optimizer.param_groups, lrs):
             group["lr"] = lr
         sched._last_lr = lrs
-    trainer.step = meta["step"]
+    trainer.step = int(meta["step"])
     torch.set_rng_state(tensors["rng/cpu"])
     if "rng/cuda" in tensors and torch.cuda.is_available():
         torch.cuda.set_rng_state(tensors["rng/cuda"])
-    return meta

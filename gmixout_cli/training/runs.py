@@ -1,35 +1,173 @@
-"""Run folders: creating them, finding the latest one, reading a run's config back."""
+"""Run folders: claiming one (one process at a time), resuming, finding the latest, reading a config back.
+
+A run folder's state, from its files:
+- fresh: absent or empty;
+- started: config.yaml and logs, no checkpoint (stopped before its first checkpoint: nothing to resume);
+- resumable: checkpoint.safetensors and no results.json;
+- finished: results.json (and model.safetensors).
+"""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import os
+import shutil
 import time
 import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
-
 from typing import Any
 
 from gmixout_cli.config import Config, build_config, config_to_dict, flatten_dict, load_config, read_yaml
 from gmixout_cli.errors import UserError
 from gmixout_cli.training.checkpoint import CHECKPOINT, config_hash, read_checkpoint_meta
+from gmixout_cli.utils.io import remove_stale_temporaries, write_yaml
 
 RUNS_ROOT = Path("runs")
+LOCK = ".gmixout.lock"
+# what a run writes before its first checkpoint; a restart in the same folder writes them again
+STARTED_FILES = ("config.yaml", "init_head.safetensors", "metrics.jsonl")
 
 
-def new_run_dir(out: str | None, cfg: Config) -> Path:
-    """`--out DIR` (must be new or empty) or runs/<time>-<model>-<method>; never overwrites a run."""
-    if out:
-        path = Path(out).expanduser()
-        if path.exists() and (not path.is_dir() or any(path.iterdir())):
-            raise UserError(f"run folder {path} already exists and is not empty: choose another --out or remove it")
+@dataclass
+class RunFolder:
+    path: Path
+    cfg: Config
+    resume: bool
+
+
+@contextlib.contextmanager
+def open_run(resume: str | None, out: str | None, recipe: str | None, overrides: list[str],
+             shortcuts: dict[str, Any]) -> Iterator[RunFolder]:
+    """The run folder to train in, held by this process until the block ends.
+
+    `resume=None`: a new run (`out`, which must be new or empty, or a fresh folder under runs/).
+    `resume="auto"` with `out`: continue `out` if it holds a checkpoint, start fresh there if it holds no run
+    yet, refuse a finished run. `resume="auto"` alone: the latest unfinished run under runs/. Else: that folder.
+    """
+    if resume is None or (resume == "auto" and out):
+        path = Path(out).expanduser() if out else _new_run_path(load_config(recipe, overrides, shortcuts))
     else:
-        model = cfg.model.name.replace(":", "-").replace("/", "-")
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        path = RUNS_ROOT / f"{stamp}-{model}-{cfg.method.name}"
-        n = 1
-        while path.exists():
-            n += 1
-            path = RUNS_ROOT / f"{stamp}-{model}-{cfg.method.name}-{n}"
-    path.mkdir(parents=True, exist_ok=True)
+        path = _latest_unfinished() if resume == "auto" else _as_run_dir(Path(resume).expanduser())
+    created = not path.exists()
+    try:
+        with claim(path):
+            remove_stale_temporaries(path)  # left by a process killed mid-write; never a complete file
+            if resume is not None:
+                if (path / "results.json").exists():
+                    raise UserError(f"{path} already finished (results.json exists): nothing to resume; "
+                                    "choose another --out")
+                if (path / CHECKPOINT).is_file():
+                    yield RunFolder(path, resumable_config(path, recipe, overrides, shortcuts), True)
+                    return
+                _refuse_unresumable(path, started_ok=resume == "auto")
+            cfg = load_config(recipe, overrides, shortcuts)
+            if not cfg.data.root:
+                raise UserError("no training data: pass --data ROOT/DOMAIN (or data.root=...), "
+                                "or use --recipe quickstart")
+            _check_fresh(path, started_ok=resume == "auto")
+            write_yaml(path / "config.yaml", config_to_dict(cfg))
+            yield RunFolder(path, cfg, False)
+    except BaseException:
+        if created and path.is_dir() and set(_entries(path)) <= {"config.yaml"}:
+            shutil.rmtree(path)  # nothing but our own config was written: leave no empty run behind
+        raise
+
+
+@contextlib.contextmanager
+def claim(path: Path) -> Iterator[None]:
+    """Create `path` if needed and hold its lock file: a second process on the same folder is refused."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise UserError(f"{path} exists and is not a folder: choose another --out") from None
+    lock = path / LOCK
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        owner = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise UserError(f"run folder {path} is in use by another gmixout process (pid {owner}): wait for it to "
+                        "finish, or choose another --out") from None
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            lock.unlink()
+        os.close(fd)
+
+
+def resumable_config(run_dir: Path, recipe: str | None, overrides: list[str], shortcuts: dict[str, Any]) -> Config:
+    """The run's own config; values given now that differ are reported, not used."""
+    cfg = read_run_config(run_dir)
+    if read_checkpoint_meta(run_dir / CHECKPOINT)["config_hash"] != config_hash(cfg):
+        raise UserError(f"{run_dir / CHECKPOINT} was written with another config than {run_dir / 'config.yaml'} "
+                        "(the config was edited, or the checkpoint comes from another run): restore the matching "
+                        "config.yaml to resume")
+    if recipe or overrides or any(v is not None for v in shortcuts.values()):
+        given = flatten_dict(config_to_dict(load_config(recipe or str(run_dir / "config.yaml"), overrides, shortcuts)))
+        saved = flatten_dict(config_to_dict(cfg))
+        changed = [f"{k}: {saved[k]!r} (run) vs {given[k]!r} (given)" for k in saved if given.get(k) != saved[k]]
+        if changed:
+            warnings.warn("resuming with the run's own config; these values given now are not used: "
+                          + "; ".join(changed), stacklevel=2)
+    return cfg
+
+
+def _new_run_path(cfg: Config) -> Path:
+    model = cfg.model.name.replace(":", "-").replace("/", "-")
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    path, n = RUNS_ROOT / f"{stamp}-{model}-{cfg.method.name}", 1
+    while path.exists():
+        n += 1
+        path = RUNS_ROOT / f"{stamp}-{model}-{cfg.method.name}-{n}"
+    return path
+
+
+def _entries(path: Path) -> list[str]:
+    return sorted(p.name for p in path.iterdir() if p.name != LOCK) if path.is_dir() else []
+
+
+def _check_fresh(path: Path, started_ok: bool) -> None:
+    """A new run needs an empty folder (or, for `--resume auto`, one whose run never checkpointed)."""
+    entries = _entries(path)
+    if started_ok and entries and set(entries) <= set(STARTED_FILES):
+        for name in ("config.yaml", "init_head.safetensors"):  # written again; metrics.jsonl is appended to
+            (path / name).unlink(missing_ok=True)
+        warnings.warn(f"{path} holds a run stopped before its first checkpoint: starting it again", stacklevel=2)
+    elif entries:
+        raise UserError(f"run folder {path} already exists and is not empty: choose another --out or remove it")
+
+
+def _refuse_unresumable(path: Path, started_ok: bool) -> None:
+    """A clear line for every unfinished folder without a checkpoint (`started_ok`: such a run may restart)."""
+    if (path / "model.safetensors").exists():
+        raise UserError(f"{path} already finished training (model.safetensors exists): score it with "
+                        f"`gmixout evaluate {path}`")
+    if not started_ok:
+        raise UserError(f"{path} has no {CHECKPOINT}: it never checkpointed (set train.checkpoint_every) "
+                        "or is not a run folder")
+
+
+def _latest_unfinished() -> Path:
+    candidates = sorted((p.parent for p in RUNS_ROOT.glob(f"*/{CHECKPOINT}")
+                         if not (p.parent / "results.json").exists()), key=lambda d: d.stat().st_mtime)
+    if not candidates:
+        raise UserError(f"no unfinished run with a checkpoint under {RUNS_ROOT.resolve()}: give --resume RUN_DIR "
+                        "or --resume auto --out DIR")
+    return candidates[-1]
+
+
+def _as_run_dir(path: Path) -> Path:
+    if path.is_file():
+        return path.parent
+    if not path.is_dir():
+        raise UserError(f"{path} does not exist: give the run folder to resume (or --resume auto)")
     return path
 
 
@@ -47,32 +185,3 @@ def read_run_config(run_dir: Path) -> Config:
     if not path.is_file():
         raise UserError(f"{run_dir} has no config.yaml, so it is not a gmixout run folder: give a run folder")
     return build_config(read_yaml(path))
-
-
-def resume_run(target: str, recipe: str | None, overrides: list[str], shortcuts: dict[str, Any]) -> tuple[Path, Config]:
-    """The run folder to continue and its config; a config given now that differs is reported (the run's wins)."""
-    if target == "auto":
-        candidates = sorted((p.parent for p in RUNS_ROOT.glob(f"*/{CHECKPOINT}")
-                             if not (p.parent / "model.safetensors").exists()), key=lambda d: d.stat().st_mtime)
-        if not candidates:
-            raise UserError(f"no unfinished run with a checkpoint under {RUNS_ROOT.resolve()}: give --resume RUN_DIR")
-        run_dir = candidates[-1]
-    else:
-        run_dir = Path(target).expanduser()
-        run_dir = run_dir.parent if run_dir.is_file() else run_dir
-    if (run_dir / "model.safetensors").exists():
-        raise UserError(f"{run_dir} already finished (model.safetensors exists): nothing to resume")
-    if not (run_dir / CHECKPOINT).is_file():
-        raise UserError(f"{run_dir} has no {CHECKPOINT}: it never checkpointed (set train.checkpoint_every) "
-                        "or is not a run folder")
-    cfg = read_run_config(run_dir)
-    if read_checkpoint_meta(run_dir / CHECKPOINT)["config_hash"] != config_hash(cfg):
-        raise UserError(f"{run_dir}/config.yaml was edited after the checkpoint was written: restore it to resume")
-    if recipe or overrides or any(v is not None for v in shortcuts.values()):
-        given = flatten_dict(config_to_dict(load_config(recipe or str(run_dir / "config.yaml"), overrides, shortcuts)))
-        saved = flatten_dict(config_to_dict(cfg))
-        changed = [f"{k}: {saved[k]!r} (run) vs {given[k]!r} (given)" for k in saved if given.get(k) != saved[k]]
-        if changed:
-            warnings.warn("resuming with the run's own config; these values given now are not used: "
-                          + "; ".join(changed), stacklevel=2)
-    return run_dir, cfg

@@ -1,0 +1,256 @@
+"""A whole run: set-up, training, export, evaluation; every way it can be stopped keeps what it made.
+
+    gmixout finetune --model vit_b16_clip --data ./domainnet/sketch
+    gmixout finetune --recipe quickstart
+
+Stop signals (see `utils.signals`): before training and during evaluation the run stops at once; while
+training it finishes the step and writes a checkpoint; checkpoint and export writes always finish.
+The last training step is checkpointed before the method's export transform, so a failed export
+(full disk) or a stop during evaluation resumes without training again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import json
+import math
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from torch.utils.data import DataLoader
+
+from gmixout_cli.config import Config, config_to_dict
+from gmixout_cli.data import (
+    DomainData, build_transform, load_domain, make_loader, make_train_loader, sibling_domains, verify_domain_data,
+)
+from gmixout_cli.data.epochs import EpochBatches
+from gmixout_cli.errors import Interrupted, UserError
+from gmixout_cli.eval import evaluate_domains, ood_sets
+from gmixout_cli.models import BuiltModel, build_model, save_classifier
+from gmixout_cli.training.checkpoint import CHECKPOINT, load_checkpoint, read_checkpoint_meta, save_checkpoint
+from gmixout_cli.training.linear_probe import extract_features, fit_linear_probe
+from gmixout_cli.training.loop import Trainer, input_size, make_trainer
+from gmixout_cli.training.steplog import StepLogger
+from gmixout_cli.utils.environment import environment
+from gmixout_cli.utils.io import save_safetensors, write_json
+from gmixout_cli.utils.memory import peak_memory_bytes, resolve_device
+from gmixout_cli.utils.signals import StopFlag, StopNow, stop_on_signals
+
+
+@dataclass
+class Prepared:
+    """What set-up hands to training: verified data, the built model and its trainer."""
+
+    data: DomainData
+    ood: dict[str, Any]
+    built: BuiltModel
+    trainer: Trainer
+    loader: DataLoader
+    sampler: EpochBatches
+    progress: dict[str, int]
+    total_steps: int
+    image_size: int
+    eval_tf: Any
+    device: torch.device
+    lp_acc: float | None
+    skipped: int
+    summary: dict[str, Any]
+
+
+def finetune(cfg: Config, run_dir: Path, console: Console, resume: bool = False) -> dict[str, Any]:
+    """Train (or continue from run_dir's checkpoint), export the merged dense model, evaluate in and out of
+    domain; returns results.json's content."""
+    with stop_on_signals() as stop:
+        try:
+            run = prepare(cfg, run_dir, console, resume)
+        except StopNow:
+            raise Interrupted(f"stopped by {stop.requested} before training started; nothing was trained: run the "
+                              "same command again", stop.exit_code) from None
+        stop.immediate = False
+        train_time, images = train(cfg, run_dir, console, run, stop)
+        weights_path = export(cfg, run_dir, console, run, stop)
+        stop.immediate = True
+        try:
+            results = evaluate(cfg, run_dir, console, run, weights_path)
+        except StopNow:
+            raise Interrupted(f"stopped by {stop.requested} during evaluation; the model is saved at {weights_path}: "
+                              f"`gmixout finetune --resume {run_dir}` evaluates it", stop.exit_code) from None
+    results.update(train_time_s=train_time, images_per_s=images / max(train_time, 1e-9))
+    _write_or_explain(lambda: write_json(run_dir / "results.json", results), run_dir / "results.json",
+                      f"the model is saved; `gmixout evaluate {run_dir}` scores it again")
+    (run_dir / CHECKPOINT).unlink(missing_ok=True)  # the run is complete: model.safetensors supersedes it
+    return results
+
+
+def prepare(cfg: Config, run_dir: Path, console: Console, resume: bool) -> Prepared:
+    """Check every image, build the model (and its linear-probe head), the loader and the trainer."""
+    t = cfg.train
+    torch.manual_seed(t.seed)
+    if t.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+    device = resolve_device(t.device)
+    data = load_domain(cfg.data)
+    # every image and every class set is checked now, not after an hour of training
+    data, skipped = verify_domain_data(data, cfg.data.unreadable, cfg.data.num_workers)
+    ood, skipped_ood = ood_sets(data, sibling_domains(data, cfg.data.ood), cfg.data.unreadable, cfg.data.num_workers)
+    model_cfg = cfg.model
+    if cfg.method.name == "lpft" and model_cfg.head_init == "auto":  # LP-FT: the head starts from a linear probe
+        model_cfg = dataclasses.replace(model_cfg, head_init="linear_probe")
+    built = build_model(model_cfg, data.classes, t.seed)
+    built.model.to(device)
+    image_size = input_size(cfg, built)
+    eval_tf = build_transform(image_size, built.mean, built.std, train=False)
+    train_tf = build_transform(image_size, built.mean, built.std, True, cfg.data.hflip, cfg.data.crop_scale)
+    loader, sampler = make_train_loader(data.train, train_tf, t.batch_size, cfg.data.num_workers, t.seed,
+                                        drop_last=len(data.train) > t.batch_size)
+    total_steps = min(t.epochs * len(sampler), t.max_steps or math.inf)
+    skipped += skipped_ood
+    note = f"; [yellow]skipped {skipped} unreadable images[/]" if skipped else ""
+    console.print(f"[bold]data[/] {data.domain}: {len(data.train)} train / {len(data.val)} val images, "
+                  f"{len(data.classes)} classes ({data.split_source}); out-of-domain: {', '.join(ood) or 'none'}{note}")
+
+    lp_acc = None
+    if built.head_init == "linear_probe" and not resume:  # a resumed run's head comes from its checkpoint
+        feat_loader = make_loader(data.train, eval_tf, t.eval_batch_size, False, cfg.data.num_workers, 0)
+        built.model.eval()
+        feats, labels = extract_features(built.features, feat_loader, device)
+        lp_acc = fit_linear_probe(built.head, feats, labels)
+        console.print(f"[bold]head[/] linear probe on frozen features: train top-1 {lp_acc:.3f}")
+    if not resume:
+        head_state = {k: v.detach().cpu().contiguous() for k, v in built.head.state_dict().items()}
+        save_safetensors(run_dir / "init_head.safetensors", head_state,
+                         {"head_prefix": built.head_prefix, "head_init": built.head_init})
+
+    trainer = make_trainer(cfg, built, device, total_steps)
+    progress = {"epoch": 0, "batch": 0}
+    if resume:
+        progress = load_checkpoint(run_dir / CHECKPOINT, trainer)["progress"]
+        console.print(f"[bold]resumed[/] from {run_dir / CHECKPOINT} at step {trainer.step}")
+    return Prepared(data, ood, built, trainer, loader, sampler, progress, total_steps, image_size, eval_tf, device,
+                    lp_acc, skipped, trainer.method.summary())
+
+
+def train(cfg: Config, run_dir: Path, console: Console, run: Prepared, stop: StopFlag) -> tuple[float, int]:
+    """The training steps; returns (seconds, images). A stop signal ends it with a checkpoint of the step."""
+    t, trainer, progress = cfg.train, run.trainer, run.progress
+    console.print(f"[bold]train[/] {cfg.method.name}: {run.total_steps} steps of {t.batch_size} images on "
+                  f"{run.device}; " + ", ".join(f"{k}={v}" for k, v in run.summary.items()))
+    if run.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(run.device)
+
+    def checkpoint() -> Path:
+        with stop.deferred():
+            return save_checkpoint(run_dir, trainer, progress, cfg)
+
+    def stopped(path: Path) -> Interrupted:
+        return Interrupted(f"stopped by {stop.requested} at step {trainer.step}; checkpoint {path}; resume with "
+                           f"`gmixout finetune --resume {run_dir}`", stop.exit_code)
+
+    with StepLogger(run_dir, console, run.total_steps, trainer.step, t.log_every, t.batch_size,
+                    t.tensorboard) as log:
+        try:
+            while trainer.step < run.total_steps:
+                run.sampler.set_epoch(progress["epoch"], progress["batch"])
+                for x, y in _batches(run.loader, stop):
+                    loss = trainer.train_step(x, y)
+                    progress["batch"] += 1
+                    if not math.isfinite(loss):
+                        raise UserError(f"loss became {loss} at step {trainer.step}: lower train.lr or use "
+                                        "train.precision=fp32 (the last checkpoint, if any, is intact)")
+                    log.step(trainer.step, progress["epoch"] + 1, loss, trainer.lr, peak_memory_bytes(run.device),
+                             y.numel())
+                    if progress["batch"] == len(run.sampler):
+                        progress.update(epoch=progress["epoch"] + 1, batch=0)
+                    if stop.requested or (t.checkpoint_every and trainer.step % t.checkpoint_every == 0):
+                        path = checkpoint()
+                        if stop.requested:
+                            raise stopped(path)
+                    if trainer.step >= run.total_steps:
+                        break
+                if stop.requested:  # a loader worker died of the same signal: the last step is complete
+                    raise stopped(checkpoint())
+        except StopNow:
+            raise Interrupted(f"stopped at once by a second {stop.requested} during step {trainer.step + 1}; "
+                              f"{last_checkpoint_note(run_dir)}", stop.exit_code) from None
+        return log.elapsed(), log.images
+
+
+def _batches(loader: DataLoader, stop: StopFlag) -> Iterator[Any]:
+    """The loader's batches; ends early (between steps) when a stop signal also killed a loader worker."""
+    batches = iter(loader)
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except RuntimeError as exc:  # a worker that the signal reached before it could ignore it
+            if stop.requested and "DataLoader worker" in str(exc):
+                return
+            raise
+        yield batch
+
+
+def export(cfg: Config, run_dir: Path, console: Console, run: Prepared, stop: StopFlag) -> Path:
+    """Checkpoint the final step, apply the method's export transform, write model.safetensors."""
+    trainer, weights_path = run.trainer, run_dir / "model.safetensors"
+    with stop.deferred():
+        try:
+            save_checkpoint(run_dir, trainer, run.progress, cfg)
+            kept = f"the checkpoint of the final step is kept: free space and `gmixout finetune --resume {run_dir}` " \
+                   "exports without training again"
+        except UserError as exc:  # the disk is full: the export may still fit (no optimizer moments in it)
+            kept = f"{exc}"
+        trainer.method.finish()
+        run.built.model.eval()
+        _write_or_explain(lambda: save_classifier(
+            weights_path, run.built, run.data.classes, run.image_size,
+            extra={"config": json.dumps(config_to_dict(cfg)), "method": cfg.method.name}), weights_path, kept)
+    console.print(f"[bold]saved[/] merged dense model to {weights_path}")
+    if stop.requested:
+        raise Interrupted(f"stopped by {stop.requested} after training; the model is saved at {weights_path}: "
+                          f"`gmixout finetune --resume {run_dir}` evaluates it", stop.exit_code)
+    return weights_path
+
+
+def evaluate(cfg: Config, run_dir: Path, console: Console, run: Prepared, weights_path: Path) -> dict[str, Any]:
+    """In-domain and out-of-domain top-1 of the exported model; results.json's content (times added later)."""
+    t = cfg.train
+    scores = evaluate_domains(run.built.model, run.data, run.ood, run.eval_tf, t.eval_batch_size,
+                              cfg.data.num_workers, run.device, t.precision,
+                              on_domain=lambda d, a: console.print(f"  top-1 {d}: {a:.4f}"))
+    return {
+        "model": cfg.model.name, "method": cfg.method.name, **scores, "steps": run.total_steps,
+        "train_time_s": 0.0, "images_per_s": 0.0, "peak_memory_bytes": peak_memory_bytes(run.device),
+        "device": str(run.device), "image_size": run.image_size, "method_summary": run.summary,
+        "linear_probe_train_top1": run.lp_acc, "skipped_unreadable": run.skipped, "split": run.data.split_source,
+        "weights": str(weights_path), "environment": environment(run.device),
+    }
+
+
+def last_checkpoint_note(run_dir: Path) -> str:
+    """What a hard stop leaves: the step of the checkpoint on disk, or that there is none."""
+    path = run_dir / CHECKPOINT
+    if not path.is_file():
+        return "no checkpoint was written (set train.checkpoint_every to keep one): nothing to resume"
+    try:
+        step = read_checkpoint_meta(path)["step"]
+    except UserError:
+        return f"{path} is not readable: nothing to resume"
+    return f"the checkpoint of step {step} is kept: resume with `gmixout finetune --resume {run_dir}`"
+
+
+def _write_or_explain(write: Any, path: Path, kept: str) -> None:
+    """Run a write; a full or read-only disk becomes one line saying what is kept."""
+    try:
+        write()
+    except OSError as exc:
+        reason = "the disk is full" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else (exc.strerror or str(exc))
+        raise UserError(f"could not write {path}: {reason}; {kept}") from None

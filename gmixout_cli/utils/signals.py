@@ -1,0 +1,79 @@
+"""SIGINT / SIGTERM / SIGHUP during a run: finish the step, write a checkpoint, stop with one line.
+
+Schedulers (Slurm, Kubernetes, `timeout`) signal every process of the job, DataLoader workers too.
+Workers therefore ignore these signals (`ignore_stop_signals`, their init function) and leave the
+decision to the main process, which stops at the next point where its state is whole:
+
+- before training (set-up) and after export (evaluation) there is nothing to lose: stop at once;
+- while training: the current step finishes, a checkpoint of it is written, then the run stops;
+- while a checkpoint or the model is being written: the write finishes first, whatever arrives.
+
+A second SIGINT while training stops at once (the last checkpoint stays as it was).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
+
+
+class StopNow(KeyboardInterrupt):
+    """Raised in the main thread when a signal arrives where waiting for a step boundary is not needed."""
+
+
+@dataclass
+class StopFlag:
+    requested: str = ""  # the first signal's name, once one arrived
+    signum: int = 0
+    immediate: bool = True  # set-up and evaluation: raise StopNow at once
+    deferring: int = 0  # inside a write that must finish: only note the signal
+
+    @property
+    def exit_code(self) -> int:
+        """The shell's convention for a process ended by a signal: 128 + its number (Ctrl-C: 130)."""
+        return 128 + self.signum
+
+    @contextlib.contextmanager
+    def deferred(self) -> Iterator[None]:
+        """A write that a signal must not cut short (checkpoint, export)."""
+        self.deferring += 1
+        try:
+            yield
+        finally:
+            self.deferring -= 1
+
+
+@contextlib.contextmanager
+def stop_on_signals() -> Iterator[StopFlag]:
+    """While active, the stop signals set `flag.requested` (and raise StopNow where `flag.immediate`)."""
+    flag = StopFlag()
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+
+    def handler(signum: int, frame: object) -> None:
+        first = not flag.requested
+        if first:
+            flag.requested, flag.signum = signal.Signals(signum).name, signum
+        if flag.deferring:
+            return
+        if flag.immediate or (not first and signum == signal.SIGINT):
+            raise StopNow(flag.requested)
+
+    previous = {s: signal.signal(s, handler) for s in STOP_SIGNALS}
+    try:
+        yield flag
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def ignore_stop_signals(worker_id: int = 0) -> None:
+    """In a DataLoader worker: leave the stop signals to the main process (it ends the workers itself)."""
+    for s in STOP_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)

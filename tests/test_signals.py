@@ -1,0 +1,100 @@
+"""Stop signals as schedulers send them: SIGTERM, SIGINT, SIGHUP, to the main process or to the whole process
+group (DataLoader workers too), at random steps. Each stop checkpoints its step, says so in one line, exits
+with 128 + the signal, and the resumed run ends bit-identical to an uninterrupted one."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import write_domains
+from gmixout_cli.training.checkpoint import CHECKPOINT, read_checkpoint_meta
+
+pytestmark = pytest.mark.slow
+
+ARGS = ["--model", "timm:test_efficientnet", "model.weights=random", "data.image_size=32", "train.epochs=4",
+        "train.batch_size=8", "data.num_workers=2", "train.log_every=1", "train.lr=1e-3", "train.checkpoint_every=1000",
+        "train.deterministic=true", "train.warmup_steps=2", "method.p=0.8", "method.k=3"]
+
+
+def _cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "gmixout_cli", "finetune", *args]
+
+
+def _env() -> dict[str, str]:
+    return dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", COLUMNS="300")
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, bytes, int]:
+    """The data, and the model and step count of an uninterrupted run."""
+    data = write_domains(tmp_path_factory.mktemp("data")) / "src"
+    out = tmp_path_factory.mktemp("ref") / "whole"
+    done = subprocess.run(_cmd("--data", str(data), *ARGS, "--out", str(out)), env=_env(), capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    steps = json.loads((out / "results.json").read_text())["steps"]
+    return data, (out / "model.safetensors").read_bytes(), steps
+
+
+@pytest.mark.parametrize("delivery", ["main", "group"])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP], ids=lambda s: s.name)
+def test_stop_signal_checkpoints_the_step_and_resumes_bit_identically(
+        tmp_path: Path, reference: tuple[Path, bytes, int], sig: signal.Signals, delivery: str) -> None:
+    data, model_bytes, total = reference
+    run = tmp_path / "run"
+    at = random.Random(f"{sig.name}-{delivery}").randint(2, total - 3)
+    # a session of its own, as a job under a scheduler: killpg reaches the loader workers as well
+    proc = subprocess.Popen(_cmd("--data", str(data), *ARGS, "--out", str(run)), env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    metrics = run / "metrics.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= at:
+            os.killpg(proc.pid, sig) if delivery == "group" else proc.send_signal(sig)
+            break
+        time.sleep(0.02)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + sig, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    step = read_checkpoint_meta(run / CHECKPOINT)["step"]
+    assert lines[0].startswith(f"stopped by {sig.name} at step {step}; checkpoint {run / CHECKPOINT}")
+    assert f"--resume {run}" in lines[0] and at <= step < total
+    assert not (run / "model.safetensors").exists() and not list(run.glob(".*.tmp"))
+
+    resumed = subprocess.run(_cmd("--resume", str(run)), env=_env(), capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"at step {step}" in resumed.stdout
+    assert (run / "model.safetensors").read_bytes() == model_bytes
+    assert not (run / CHECKPOINT).exists()
+
+
+def test_second_run_on_the_same_folder_is_refused_while_the_first_trains(
+        tmp_path: Path, reference: tuple[Path, bytes, int]) -> None:
+    data, model_bytes, _ = reference
+    run = tmp_path / "run"
+    first = subprocess.Popen(_cmd("--data", str(data), *ARGS, "--out", str(run)), env=_env(),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and not (run / "metrics.jsonl").exists():
+        time.sleep(0.02)
+    first.send_signal(signal.SIGSTOP)  # held mid-training while the second one starts
+    try:
+        second = subprocess.run(_cmd("--data", str(data), *ARGS, "--resume", "auto", "--out", str(run)),
+                                env=_env(), capture_output=True, text=True, timeout=300)
+    finally:
+        first.send_signal(signal.SIGCONT)
+    assert second.returncode == 2, second.stderr
+    assert f"run folder {run} is in use by another gmixout process (pid {first.pid})" in second.stderr
+    _, err = first.communicate(timeout=300)
+    assert first.returncode == 0, err
+    assert (run / "model.safetensors").read_bytes() == model_bytes  # the refused run changed nothing
