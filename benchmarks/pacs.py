@@ -45,7 +45,7 @@ from bench_common import ROOT, device_name, git_head, versions  # noqa: E402
 from pacs_report import carry_over, write_report  # noqa: E402
 
 from gmixout_cli.config import config_to_dict, flatten_dict, load_config, read_yaml  # noqa: E402
-from gmixout_cli.config.schema import unused_method_fields  # noqa: E402
+from gmixout_cli.methods.registry import unread_fields  # noqa: E402
 from gmixout_cli.errors import UserError  # noqa: E402
 from gmixout_cli.data import build_transform, load_domain, load_eval_domain, make_loader  # noqa: E402
 from gmixout_cli.merge import initial_state, interpolate, load_weights  # noqa: E402
@@ -149,7 +149,7 @@ def stale_keys(saved: Path, now: dict[str, Any]) -> list[str]:
         return ["config.yaml"]
     now_flat = flatten_dict(now)
     method = str(now_flat.get("method.name", "gmixout"))
-    unread = {f"method.{f}" for f in unused_method_fields(method, [k[7:] for k in now_flat if k.startswith("method.")])}
+    unread = {f"method.{f}" for f in unread_fields(method, [k[7:] for k in now_flat if k.startswith("method.")])}
     return [k for k, v in old.items()
             if k not in MACHINE_KEYS and k not in unread and k in now_flat and now_flat[k] != v]
 

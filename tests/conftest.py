@@ -64,3 +64,18 @@ def cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]):
         return code, out, err
 
     return run
+
+
+def build_method(name: str, model, targets: list[str], *, lr: float, head_lr: float | None = None,  # noqa: ANN001
+                 weight_decay: float, seed: int = 0, default_targets: bool = False, total_steps: int = 1,
+                 **fields: object):
+    """A method built as the trainer builds it: from a validated config (`fields` are its `method.*`)."""
+    from gmixout_cli.config import build_config
+    from gmixout_cli.methods import make_method
+
+    cfg = build_config({
+        "model": {"targets": None if default_targets else list(targets)},
+        "train": {"lr": lr, "head_lr": head_lr, "weight_decay": weight_decay, "seed": seed},
+        "method": {"name": name, **fields},
+    })
+    return make_method(cfg, model, list(targets), "head", total_steps)

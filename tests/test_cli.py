@@ -191,3 +191,10 @@ def test_unreadable_images_skipped_on_request_with_a_count(domains: Path, tmp_pa
     assert "skipped 1 unreadable image in the training domain src" in proc.stderr
     assert "skipped 1 unreadable image in the out-of-domain set tgt" in proc.stderr
     assert json.loads((tmp_path / "run" / "results.json").read_text())["skipped_unreadable"] == 2
+
+
+def test_methods_lists_each_method_with_its_fields() -> None:
+    result = runner.invoke(app, ["methods"], env={"COLUMNS": "250"})
+    assert result.exit_code == 0, result.output
+    assert "randmask" in result.output and "lam=0.0 (fixed)" in result.output
+    assert "head: linear_probe" in result.output and "lora_dropout=0.0" in result.output

@@ -85,13 +85,54 @@ def test_a_method_field_the_method_never_reads_is_refused() -> None:
     assert load_config("gmixout", ["method.name=randmask", "method.episodes=1", "method.lam=0"]).method.lam == 0
 
 
-def test_every_method_says_which_fields_it_reads() -> None:
-    from dataclasses import fields
-    from typing import get_args, get_type_hints
+def test_every_method_registers_its_own_config() -> None:
+    import dataclasses
+    import inspect
 
-    from gmixout_cli.config.schema import METHOD_FIELDS, MethodConfig
+    from gmixout_cli.config.schema import MethodConfig
+    from gmixout_cli.methods.registry import METHODS, method_names
 
-    names = set(get_args(get_type_hints(MethodConfig)["name"]))
-    assert set(METHOD_FIELDS) == names
-    known = {f.name for f in fields(MethodConfig)}
-    assert all(used <= known for used in METHOD_FIELDS.values())
+    assert set(method_names()) == {"gmixout", "full", "lp", "lpft", "randmask", "mixout", "lora", "dora", "mlae"}
+    signatures = set()
+    for name, spec in METHODS.items():
+        assert issubclass(spec.config, MethodConfig) and spec.name == name
+        assert set(spec.presets) <= {f.name for f in dataclasses.fields(spec.config)}
+        assert spec.head_init in (None, "linear_probe", "zero", "zeroshot")
+        signatures.add(tuple(inspect.signature(spec.method.__init__).parameters))
+    assert signatures == {("self", "model", "cfg", "targets", "head_prefix", "total_steps")}
+
+
+def test_randmask_is_a_preset_that_works_on_any_recipe() -> None:
+    for recipe in ("gmixout", "gmixout_efficientnet_lite0", "full", "lora"):
+        m = load_config(recipe, ["method.name=randmask"]).method
+        assert (m.name, m.episodes, m.k, m.lam, m.p) == ("randmask", 1, None, 0.0, 0.9)
+    with pytest.raises(UserError, match=r"'method.lam' is fixed by method.name=randmask \(episodes=1 k=None "
+                                        r"lam=0.0\): remove it"):
+        build_config({"method": {"name": "randmask", "lam": 0.5}})
+    assert load_config("gmixout", ["method.name=randmask", "method.p=0.8"]).method.p == 0.8
+
+
+def test_a_recipe_field_its_method_never_reads_is_refused(tmp_path) -> None:
+    recipe = tmp_path / "old.yaml"
+    recipe.write_text("method:\n  name: full\n  episodes: 30\n")
+    with pytest.raises(UserError, match=r"'method.episodes' has no effect with method.name=full \(read by gmixout, "
+                                        r"randmask\)"):
+        load_config(str(recipe), [])
+
+
+def test_another_method_on_the_command_line_leaves_the_recipes_method_fields_out() -> None:
+    with pytest.warns(UserWarning, match=r"method.name=lora: the recipe's episodes, export, k, lam, p belong to its "
+                                         r"gmixout settings and are left out"):
+        m = load_config("gmixout", ["method.name=lora", "method.r=4"]).method
+    assert (m.name, m.r, m.scale_alpha) == ("lora", 4, 8.0)
+    m = load_config("lora", ["method.name=dora"]).method  # the same engine: its fields carry over
+    assert (m.name, m.r, m.alpha) == ("dora", 8, 16.0)
+
+
+def test_lpft_declares_its_linear_probe_head_once() -> None:
+    from gmixout_cli.methods.registry import method_model_config
+
+    cfg = load_config("lpft", [])
+    assert cfg.model.head_init == "auto" and method_model_config(cfg).head_init == "linear_probe"
+    with pytest.raises(UserError, match="method.name=lpft starts from a linear_probe head: set model.head_init=auto"):
+        load_config("lpft", ["model.head_init=zero"])

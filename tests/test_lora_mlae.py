@@ -9,9 +9,8 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import build_method
 from gmixout_cli.errors import UserError
-from gmixout_cli.methods.lora import PeftLoRA
-from gmixout_cli.methods.mlae import MLAE
 
 
 class TinyAttn(nn.Module):
@@ -55,19 +54,19 @@ def _data(kind: str) -> tuple[torch.Tensor, torch.Tensor]:
 # name -> (model class, data kind, targets, constructor)
 CASES = {
     "lora": (TinyAttn, "attn", ["fc1.weight", "attn.in_proj_weight", "fc2.weight"],
-             lambda m, t: PeftLoRA(m, t, "head", r=4, alpha=8, dropout=0.0, use_dora=False, lr=1e-2, head_lr=1e-2,
-                                   weight_decay=1e-4)),
+             lambda m, t: build_method("lora", m, t, r=4, alpha=8, lora_dropout=0.0, lr=1e-2, head_lr=1e-2,
+                                       weight_decay=1e-4)),
     "dora": (TinyAttn, "attn", ["fc1.weight", "fc2.weight"],
-             lambda m, t: PeftLoRA(m, t, "head", r=4, alpha=8, dropout=0.0, use_dora=True, lr=1e-2, head_lr=1e-2,
-                                   weight_decay=1e-4)),
+             lambda m, t: build_method("dora", m, t, r=4, alpha=8, lora_dropout=0.0, lr=1e-2, head_lr=1e-2,
+                                       weight_decay=1e-4)),
     "mlae": (TinyAttn, "attn", ["fc1.weight", "attn.in_proj_weight", "fc2.weight"],
-             lambda m, t: MLAE(m, t, "head", r=4, p=0.5, lr=1e-2, head_lr=1e-2, weight_decay=1e-4)),
+             lambda m, t: build_method("mlae", m, t, r=4, p=0.5, lr=1e-2, head_lr=1e-2, weight_decay=1e-4)),
     "lora_conv": (TinyConv, "conv", ["conv1.weight", "conv2.weight"],
-                  lambda m, t: PeftLoRA(m, t, "head", r=4, alpha=8, dropout=0.1, use_dora=False, lr=1e-2,
-                                        head_lr=1e-2, weight_decay=1e-4)),
+                  lambda m, t: build_method("lora", m, t, r=4, alpha=8, lora_dropout=0.1, lr=1e-2,
+                                            head_lr=1e-2, weight_decay=1e-4)),
     "mlae_conv": (TinyConv, "conv", ["conv1.weight", "conv2.weight"],
-                  lambda m, t: MLAE(m, t, "head", r=8, p=0.25, lr=1e-2, head_lr=1e-2, weight_decay=1e-4,
-                                    alpha=8)),
+                  lambda m, t: build_method("mlae", m, t, r=8, p=0.25, lr=1e-2, head_lr=1e-2, weight_decay=1e-4,
+                                            alpha=8)),
 }
 
 
@@ -160,23 +159,23 @@ def test_lora_attention_adapts_only_targeted_projection(trained: dict) -> None:
 
 def test_unsupported_targets_raise_user_error() -> None:
     with pytest.raises(UserError, match="MultiheadAttention"):
-        PeftLoRA(TinyAttn(), ["attn.in_proj_weight"], "head", 4, 8, 0.0, True, 1e-3, 1e-3, 0.0)
+        build_method("dora", TinyAttn(), ["attn.in_proj_weight"], r=4, alpha=8, lr=1e-3, weight_decay=0.0)
     with pytest.raises(UserError, match="dw.weight"):
-        PeftLoRA(TinyConv(), ["dw.weight"], "head", 8, 8, 0.0, False, 1e-3, 1e-3, 0.0)
+        build_method("lora", TinyConv(), ["dw.weight"], r=8, alpha=8, lr=1e-3, weight_decay=0.0)
     with pytest.raises(UserError, match="dw.weight"):
-        MLAE(TinyConv(), ["dw.weight"], "head", 4, 0.5, 1e-3, 1e-3, 0.0)
+        build_method("mlae", TinyConv(), ["dw.weight"], r=4, p=0.5, lr=1e-3, weight_decay=0.0)
     with pytest.raises(UserError, match="norm.weight"):
-        PeftLoRA(TinyAttn(), ["norm.weight"], "head", 4, 8, 0.0, False, 1e-3, 1e-3, 0.0)
+        build_method("lora", TinyAttn(), ["norm.weight"], r=4, alpha=8, lr=1e-3, weight_decay=0.0)
     with pytest.raises(UserError, match="nope"):
-        MLAE(TinyAttn(), ["nope.weight"], "head", 4, 0.5, 1e-3, 1e-3, 0.0)
+        build_method("mlae", TinyAttn(), ["nope.weight"], r=4, p=0.5, lr=1e-3, weight_decay=0.0)
 
 
 def test_mlae_mask_shared_by_batch_and_scaled() -> None:
     torch.manual_seed(0)
     model = TinyAttn()
     p, r = 0.5, 8
-    method = MLAE(model, ["fc1.weight", "attn.in_proj_weight"], "head", r=r, p=p, lr=1e-3, head_lr=1e-3,
-                  weight_decay=0.0)
+    method = build_method("mlae", model, ["fc1.weight", "attn.in_proj_weight"], r=r, p=p, lr=1e-3, head_lr=1e-3,
+                          weight_decay=0.0)
     pm = model.fc1.parametrizations.weight[0]
     pm_attn = model.attn.parametrizations.in_proj_weight[0]
     with torch.no_grad():
@@ -234,8 +233,8 @@ def test_method_state_roundtrip(key: str) -> None:
 
 
 @pytest.mark.parametrize("build", [
-    lambda m, t: PeftLoRA(m, t, "head", 4, 8, 0.0, False, 1e-3, 1e-3, 0.0, default_targets=True),
-    lambda m, t: MLAE(m, t, "head", 4, 0.5, 1e-3, 1e-3, 0.0, default_targets=True),
+    lambda m, t: build_method("lora", m, t, r=4, alpha=8, lr=1e-3, weight_decay=0.0, default_targets=True),
+    lambda m, t: build_method("mlae", m, t, r=4, p=0.5, lr=1e-3, weight_decay=0.0, default_targets=True),
 ], ids=["lora", "mlae"])
 def test_default_targets_leave_out_depthwise_and_say_so(build) -> None:
     model = TinyConv()
@@ -250,7 +249,8 @@ def test_mlae_conv_update_is_peft_conv_lora() -> None:
     torch.manual_seed(0)
     model = TinyConv()
     w0 = model.conv1.weight.detach().clone()
-    method = MLAE(model, ["conv1.weight"], "head", r=4, p=0.0, lr=1e-3, head_lr=1e-3, weight_decay=0.0, alpha=8)
+    method = build_method("mlae", model, ["conv1.weight"], r=4, p=0.0, lr=1e-3, head_lr=1e-3, weight_decay=0.0,
+                          alpha=8)
     pm = method._params[0][2]
     with torch.no_grad():
         pm.B.normal_()

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from gmixout_cli.methods.full import FullFinetune
+from conftest import build_method
 from gmixout_cli.methods.mixout import Mixout
 
 
@@ -74,7 +74,7 @@ def train_step(model: nn.Module, method: object, x: torch.Tensor, y: torch.Tenso
 
 
 def mixout(model: nn.Module, p: float, seed: int = 0, lr: float = 1e-2) -> Mixout:
-    method = Mixout(model, TARGETS, "head", p=p, seed=seed, lr=lr, head_lr=lr, weight_decay=0.1)
+    method = build_method("mixout", model, TARGETS, p=p, seed=seed, lr=lr, head_lr=lr, weight_decay=0.1)
     method.set_train_mode(model)
     return method
 
@@ -86,7 +86,7 @@ def theta(model: nn.Module, name: str) -> torch.Tensor:
 
 def test_p0_equals_full_finetuning_step_for_step() -> None:
     ref, mix = make_model(), make_model()
-    full = FullFinetune(ref, "head", 1e-2, 1e-2, 0.1)
+    full = build_method("full", ref, [], lr=1e-2, head_lr=1e-2, weight_decay=0.1)
     full.set_train_mode(ref)
     method = mixout(mix, p=0.0)
     x, y = task()

@@ -38,7 +38,7 @@ def evaluate(
 
       gmixout evaluate runs/my-run --ood painting,clipart --json
     """
-    from gmixout_cli.config import DataConfig, build_config
+    from gmixout_cli.config import DataConfig, build_saved_config
     from gmixout_cli.data import build_transform, load_domain, sibling_domains, verify_domain_data
     from gmixout_cli.eval import evaluate_domains, ood_sets
     from gmixout_cli.models import load_classifier
@@ -50,7 +50,7 @@ def evaluate(
     if not weights.is_file():
         raise UserError(f"{weights} does not exist: give a run folder holding model.safetensors or a .safetensors file")
     model, meta = load_classifier(weights)
-    cfg = build_config(json.loads(meta["config"])) if "config" in meta else None
+    cfg = build_saved_config(json.loads(meta["config"])) if "config" in meta else None
     data_cfg = cfg.data if cfg else DataConfig()
     if data:
         data_cfg.root = data

@@ -16,6 +16,7 @@ def register(app: typer.Typer) -> None:
     app.command("recipes")(list_recipes_cmd)
     app.command("cp")(copy_recipe)
     app.command("models")(list_models_cmd)
+    app.command("methods")(list_methods_cmd)
 
 
 def _description(path: Path) -> str:
@@ -63,4 +64,26 @@ def list_models_cmd() -> None:
     table.add_column("description")
     for name, desc in list_models().items():
         table.add_row(name, desc)
+    console.print(table)
+
+
+def list_methods_cmd() -> None:
+    """List the fine-tuning methods (method.name) with the method.* fields each reads and their defaults."""
+    import dataclasses
+
+    from gmixout_cli.config.schema import MethodConfig
+    from gmixout_cli.methods.registry import method_names, method_spec
+
+    common = {f.name for f in dataclasses.fields(MethodConfig)}
+    table = Table(title="methods (every one also reads method.norm_stats)")
+    table.add_column("method.name")
+    table.add_column("what trains")
+    table.add_column("method.* fields (defaults)")
+    for name in method_names():
+        spec = method_spec(name)
+        fields = [f"{f.name}={f.default}" for f in dataclasses.fields(spec.config)
+                  if f.name not in common and f.name not in spec.presets]
+        fixed = [f"{k}={v} (fixed)" for k, v in spec.presets.items()]
+        head = [f"head: {spec.head_init}"] if spec.head_init else []
+        table.add_row(name, spec.summary, ", ".join(fields + fixed + head) or "-")
     console.print(table)

@@ -12,7 +12,7 @@ from typing import Any, Literal, Union, get_args, get_origin
 import yaml
 
 from gmixout_cli.config.safe_yaml import MAX_BYTES, load_bounded
-from gmixout_cli.config.schema import Config
+from gmixout_cli.config.schema import Config, MethodConfig
 from gmixout_cli.errors import UserError
 
 
@@ -81,6 +81,18 @@ def build_config(raw: dict[str, Any]) -> Config:
     return cfg
 
 
+def build_saved_config(raw: dict[str, Any]) -> Config:
+    """A config gmixout itself saved (a run's config.yaml, a model file's metadata). Versions before the
+    per-method configs saved every method's fields; those the run's method does not read are dropped."""
+    from gmixout_cli.methods.registry import method_names, unread_fields
+
+    method = raw.get("method") if isinstance(raw, dict) else None
+    if isinstance(method, dict) and method.get("name", MethodConfig.name) in method_names():
+        unread = set(unread_fields(str(method.get("name", MethodConfig.name)), [str(k) for k in method]))
+        raw = {**raw, "method": {k: v for k, v in method.items() if k not in unread}}
+    return build_config(raw)
+
+
 def config_to_dict(cfg: Config) -> dict[str, Any]:
     """Plain nested dict of a config, for YAML and JSON."""
     return dataclasses.asdict(cfg)
@@ -109,7 +121,9 @@ def _build(cls: type, raw: Any, prefix: str, problems: list[str]) -> Any:
             problems.append(f"unknown key '{name}' ({hint})")
             continue
         hint_type = hints[key]
-        if dataclasses.is_dataclass(hint_type):
+        if cls is Config and key == "method":
+            kwargs[key] = _build_method(value, problems)
+        elif dataclasses.is_dataclass(hint_type):
             kwargs[key] = _build(hint_type, value, f"{name}.", problems)
         else:
             ok, converted, expected = _coerce(value, hint_type)
@@ -118,6 +132,41 @@ def _build(cls: type, raw: Any, prefix: str, problems: list[str]) -> Any:
             else:
                 problems.append(f"'{name}' must be {expected}, got {value!r}")
     return cls(**kwargs)
+
+
+def _build_method(raw: Any, problems: list[str]) -> MethodConfig:
+    """The `method` section as the named method's own config; fields it does not read are refused."""
+    from gmixout_cli.methods.registry import method_names, method_spec, readers
+
+    if not isinstance(raw, dict):
+        problems.append(f"'method' must be a mapping, got {type(raw).__name__}")
+        raw = {}
+    name = raw.get("name", MethodConfig.name)
+    if name not in method_names():
+        problems.append(f"'method.name' must be one of {'|'.join(method_names())}, got {name!r}")
+        name = MethodConfig.name
+    spec = method_spec(name)
+    own = {f.name for f in dataclasses.fields(spec.config)}
+    kept: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key in spec.presets:
+            if value != spec.presets[key]:
+                fixed = " ".join(f"{k}={v}" for k, v in spec.presets.items())
+                problems.append(f"'method.{key}' is fixed by method.name={name} ({fixed}): remove it, or use "
+                                "a method that reads it")
+        elif key in own:
+            kept[key] = value
+        elif readers(str(key)):
+            problems.append(f"'method.{key}' has no effect with method.name={name} (read by "
+                            f"{', '.join(readers(str(key)))}): remove it or choose one of those methods")
+        else:
+            close = difflib.get_close_matches(str(key), sorted(own), n=1)
+            hint = f"did you mean 'method.{close[0]}'?" if close else f"valid keys: {', '.join(sorted(own))}"
+            problems.append(f"unknown key 'method.{key}' ({hint})")
+    method = _build(spec.config, kept, "method.", problems)
+    method = dataclasses.replace(method, **spec.presets)
+    problems.extend(method.problems())
+    return method
 
 
 def _coerce(value: Any, tp: Any) -> tuple[bool, Any, str]:
@@ -175,17 +224,7 @@ def _coerce(value: Any, tp: Any) -> tuple[bool, Any, str]:
 def _check_values(cfg: Config) -> list[str]:
     """Range and consistency checks that types cannot express."""
     p: list[str] = []
-    m, t, d = cfg.method, cfg.train, cfg.data
-    if not 0.0 <= m.p < 1.0:
-        p.append(f"'method.p' must be in [0, 1), got {m.p} (0.9 trains 10% of each target tensor)")
-    if not 0.0 <= m.lam <= 1.0:
-        p.append(f"'method.lam' must be in [0, 1], got {m.lam}")
-    if m.k is not None and m.episodes is not None:
-        p.append("'method.k' and 'method.episodes' are both set: give one of them (set the other to null)")
-    if m.k is not None and m.k < 1:
-        p.append(f"'method.k' must be >= 1, got {m.k}")
-    if m.episodes is not None and m.episodes < 1:
-        p.append(f"'method.episodes' must be >= 1, got {m.episodes}")
+    t, d = cfg.train, cfg.data
     for name, value in (("train.epochs", t.epochs), ("train.batch_size", t.batch_size),
                         ("train.log_every", t.log_every),
                         ("train.eval_batch_size", t.eval_batch_size)):
@@ -214,15 +253,11 @@ def _check_values(cfg: Config) -> list[str]:
         p.append(f"'data.crop_scale' must be [min, max] with 0 < min <= max <= 1, got {d.crop_scale}")
     if d.num_workers < 0:
         p.append(f"'data.num_workers' must be >= 0, got {d.num_workers}")
-    if m.r < 1:
-        p.append(f"'method.r' must be >= 1, got {m.r}")
-    if not 0.0 <= m.lora_dropout < 1.0:
-        p.append(f"'method.lora_dropout' must be in [0, 1), got {m.lora_dropout}")
-    if m.name == "randmask" and (m.episodes != 1 or m.k is not None or m.lam != 0.0):
-        p.append("method.name=randmask is GMixout with one fixed mask: "
-                 "set method.episodes=1 method.k=null method.lam=0")
-    if m.name == "lpft" and cfg.model.head_init not in ("auto", "linear_probe"):
-        p.append("method.name=lpft starts from a linear-probe head: "
+    from gmixout_cli.methods.registry import method_spec
+
+    head = method_spec(cfg.method.name).head_init
+    if head and cfg.model.head_init not in ("auto", head):
+        p.append(f"method.name={cfg.method.name} starts from a {head} head: "
                  f"set model.head_init=auto, got {cfg.model.head_init}")
     if cfg.model.weights not in ("pretrained", "random") and not cfg.model.weights.strip():
         p.append("'model.weights' is empty: use pretrained, random, or a path to a weight file")

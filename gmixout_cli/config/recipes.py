@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+import warnings
 from pathlib import Path
 from typing import Any
 
 from gmixout_cli.config.load import build_config, merge_dicts, parse_overrides, read_yaml
-from gmixout_cli.config.schema import METHOD_FIELDS, Config, unused_method_fields
+from gmixout_cli.config.schema import Config, MethodConfig
 from gmixout_cli.errors import UserError
 
 DEFAULT_RECIPE = "gmixout"
@@ -43,22 +45,50 @@ def resolve_recipe(name_or_path: str) -> Path:
 
 def load_config(recipe: str | None, overrides: list[str], shortcuts: dict[str, Any] | None = None) -> Config:
     """Recipe (default: the built-in `gmixout`) <- shortcut flags <- `key=value` overrides -> Config."""
+    from gmixout_cli.methods.registry import method_names, method_spec, readers, unread_fields
+
     raw = read_yaml(resolve_recipe(recipe or DEFAULT_RECIPE))
     for key, value in (shortcuts or {}).items():
         if value is not None:  # flags such as --data are taken verbatim, never YAML-parsed
             section, _, field = key.partition(".")
             raw = merge_dicts(raw, {section: {field: value}})
     update = parse_overrides(overrides)
-    method = update.get("method")
-    if isinstance(method, dict) and isinstance(raw.get("method"), dict) and ("k" in method) != ("episodes" in method):
+    given = update.get("method") if isinstance(update.get("method"), dict) else {}
+    recipe_method = raw.get("method") if isinstance(raw.get("method"), dict) else None
+    name = given.get("name", (recipe_method or {}).get("name", MethodConfig.name))
+    if name not in method_names():
+        return build_config(merge_dicts(raw, update))  # reports the unknown name with the choices
+    if recipe_method is not None and name != recipe_method.get("name", MethodConfig.name):
+        raw = {**raw, "method": _for_method(recipe_method, name)}
+    other = "episodes" if "k" in given else "k"
+    if recipe_method is not None and ("k" in given) != ("episodes" in given) and other not in method_spec(name).presets:
         # k and episodes are two ways to say one thing: the one given on the command line replaces the recipe's
-        raw = merge_dicts(raw, {"method": {"episodes" if "k" in method else "k": None}})
-    cfg = build_config(merge_dicts(raw, update))
-    unused = unused_method_fields(cfg.method.name, list(method) if isinstance(method, dict) else [])
-    if unused:
-        readers = sorted({n for n, fields in METHOD_FIELDS.items() if set(unused) & fields})
-        given = " ".join(f"method.{f}={method[f]}" for f in unused)
-        verb = "has" if len(unused) == 1 else "have"
-        raise UserError(f"{given} {verb} no effect with method.name={cfg.method.name} (read by "
-                        f"{', '.join(readers)}): remove it or choose one of those methods")
-    return cfg
+        raw = merge_dicts(raw, {"method": {other: None}})
+    unread = unread_fields(name, [str(f) for f in given if f != "name"])
+    if unread:
+        who = sorted({n for f in unread for n in readers(f)})
+        values = " ".join(f"method.{f}={given[f]}" for f in unread)
+        verb = "has" if len(unread) == 1 else "have"
+        where = f" (read by {', '.join(who)})" if who else ""
+        raise UserError(f"{values} {verb} no effect with method.name={name}{where}: remove it or choose "
+                        f"{'one of those methods' if who else 'a method that reads it'}")
+    return build_config(merge_dicts(raw, update))
+
+
+def _for_method(recipe_method: dict[str, Any], name: str) -> dict[str, Any]:
+    """The recipe's method section when the command line picks another method: its fields carry over only to
+    a method of the same engine (gmixout -> randmask, lora -> dora), where they mean the same."""
+    from gmixout_cli.methods.registry import METHODS
+
+    old = METHODS.get(str(recipe_method.get("name", MethodConfig.name)))
+    new = METHODS[name]
+    common = {f.name for f in dataclasses.fields(MethodConfig)}
+    same_engine = old is not None and old.config is new.config
+    kept = {k: v for k, v in recipe_method.items()
+            if k in common or (same_engine and k not in new.presets)}
+    dropped = sorted(str(k) for k in recipe_method if k not in kept and k not in new.presets)  # presets: asked for
+    if dropped:
+        warnings.warn(f"method.name={name}: the recipe's {', '.join(dropped)} belong to its "
+                      f"{recipe_method.get('name', MethodConfig.name)} settings and are left out "
+                      f"({name} uses its own defaults; set any of its fields as method.KEY=VALUE)", stacklevel=3)
+    return {**kept, "name": name}

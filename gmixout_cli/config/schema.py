@@ -93,55 +93,24 @@ class TrainConfig:
 
 @dataclass
 class MethodConfig:
-    """The fine-tuning method and its hyperparameters (see METHOD.md)."""
+    """Fields every method has. Each method extends it with its own typed config, in its own module
+    (`gmixout_cli/methods/`), registered by name: `gmixout methods` lists them with their fields."""
 
-    name: Literal["gmixout", "full", "lp", "lpft", "randmask", "mixout", "lora", "dora", "mlae"] = "gmixout"
-    """`gmixout`; baselines: `full` (full fine-tuning), `lp` (linear probe: the head only), `lpft` (full
-    fine-tuning from a linear-probe head), `randmask` (one fixed random mask: GMixout with one episode and
-    lam=0), `mixout` (the original dense Mixout, a fresh mask every forward), `lora` / `dora` (peft, on the
-    same targets), `mlae` (masked LoRA experts; method.p is its coefficient dropout)."""
-    p: float = 0.9
-    """Mask probability: GMixout trains a fraction 1-p of every target tensor per episode; Mixout's p."""
-    k: int | None = None
-    """Episode length in optimizer steps (give k or episodes, not both)."""
-    episodes: int | None = None
-    """Number of episodes; with neither k nor episodes given, 30."""
-    lam: float = 0.5
-    """EMA coefficient of the anchor fold-in: A <- lam*A + (1-lam)*(A + s*M*delta)."""
-    export: Literal["anchor", "last"] = "anchor"
-    """What is exported: the final anchor, or the last episode's weights before the fold-in."""
-    fold_scale: bool = True
-    """Use s = 1/(1-p) in the anchor fold-in."""
-    reset_moments: bool = True
-    """Reset the AdamW moments of the delta at each episode."""
-    mask: Literal["bernoulli", "exact"] = "bernoulli"
-    """Bernoulli masks, or exactly round((1-p)*numel) kept entries per tensor."""
-    r: int = 8
-    """LoRA / DoRA / MLAE rank."""
-    alpha: float | None = None
-    """LoRA / DoRA / MLAE scale numerator (scale = alpha / r); null = 2r for LoRA and DoRA, r for MLAE."""
-    lora_dropout: float = 0.0
-    """Dropout on the LoRA / DoRA input."""
-    train_bias_norm: bool = False
-    """Also train biases and normalisation parameters densely (frozen by default)."""
+    name: str = "gmixout"
+    """`gmixout`; baselines: `full`, `lp`, `lpft`, `randmask`, `mixout`, `lora`, `dora`, `mlae`."""
     norm_stats: Literal["auto", "update", "frozen"] = "auto"
     """BatchNorm running statistics in training: `auto` = the method's own choice (full, lpft, mixout and
     gmixout with train_bias_norm update them; the others keep them frozen), `update`, or `frozen`."""
 
-
-_SPARSE = frozenset({"p", "k", "episodes", "lam", "export", "fold_scale", "reset_moments", "mask", "train_bias_norm"})
-# The `method.*` fields each method reads besides `name` and `norm_stats` (every method reads those): an
-# override of any other is refused rather than silently ignored.
-METHOD_FIELDS: dict[str, frozenset[str]] = {
-    "gmixout": _SPARSE, "randmask": _SPARSE, "mixout": frozenset({"p"}),
-    "lora": frozenset({"r", "alpha", "lora_dropout"}), "dora": frozenset({"r", "alpha", "lora_dropout"}),
-    "mlae": frozenset({"r", "alpha", "p"}), "full": frozenset(), "lpft": frozenset(), "lp": frozenset(),
-}
+    def problems(self) -> list[str]:
+        """Range and consistency checks of the method's own fields (one message per problem)."""
+        return []
 
 
-def unused_method_fields(name: str, fields: list[str]) -> list[str]:
-    """Those of `fields` (MethodConfig field names) that method `name` never reads."""
-    return [f for f in fields if f not in ("name", "norm_stats") and f not in METHOD_FIELDS[name]]
+def _default_method() -> MethodConfig:
+    from gmixout_cli.methods.registry import method_spec
+
+    return method_spec(MethodConfig.name).config()
 
 
 @dataclass
@@ -151,4 +120,4 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    method: MethodConfig = field(default_factory=MethodConfig)
+    method: MethodConfig = field(default_factory=_default_method)

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, Dataset
 from gmixout_cli.data.folders import Item
 from gmixout_cli.data.transforms import to_rgb
 from gmixout_cli.errors import UserError
-from gmixout_cli.utils.signals import ignore_stop_signals
+from gmixout_cli.utils.signals import worker_stop_signals
 
 
 class ImageReadError(UserError):
@@ -74,10 +74,10 @@ class ImageListDataset(Dataset):
 
 
 def init_worker(worker_id: int) -> None:
-    """In each worker: leave stop signals to the main process (it checkpoints, then ends the workers), and
+    """In each worker: leave stop signals to the main process (it checkpoints the step it is in), and
     seed numpy and `random` from the worker's torch seed (itself derived from the loader's generator), so
     any augmentation that uses them is reproducible too."""
-    ignore_stop_signals()
+    worker_stop_signals()
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
     random.seed(seed)

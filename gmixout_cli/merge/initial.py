@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from gmixout_cli.config import build_config
+from gmixout_cli.config import build_saved_config
 from gmixout_cli.errors import UserError
 from gmixout_cli.merge.wise import State
 from gmixout_cli.models import build_model
@@ -20,7 +20,7 @@ def initial_state(run_dir: Path, meta: dict[str, str]) -> State:
     if "config" not in meta or not head_path.is_file():
         raise UserError(f"{run_dir} lacks its config or init_head.safetensors: "
                         "pass --base PATH to the model to merge with")
-    cfg = build_config(json.loads(meta["config"]))
+    cfg = build_saved_config(json.loads(meta["config"]))
     class_names = json.loads(meta["class_names"])
     built = build_model(cfg.model, class_names, cfg.train.seed)
     head = load_file(str(head_path))

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from gmixout_cli.config import build_config
+from gmixout_cli.config import build_saved_config
 from gmixout_cli.data import build_transform, load_domain, make_loader
 from gmixout_cli.errors import UserError
 from gmixout_cli.eval import top1
@@ -21,7 +21,7 @@ def val_scorer(template: Path, meta: dict[str, str], workers: int = 2) -> Callab
     """A function giving the held-out (validation split) top-1 of a state dict of `template`'s architecture."""
     if "config" not in meta:
         raise UserError(f"{template} does not say which data it was trained on: merge files written by gmixout runs")
-    cfg = build_config(json.loads(meta["config"]))
+    cfg = build_saved_config(json.loads(meta["config"]))
     data = load_domain(cfg.data)
     model, _ = load_classifier(template)
     device = resolve_device("auto")

@@ -2,54 +2,74 @@
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from torch import nn
 
+from gmixout_cli.config.schema import Config
 from gmixout_cli.errors import UserError
 
 
-class Method(Protocol):
-    """How parameters are wrapped, which optimizers step them, what happens at a step end and at export."""
+class Method:
+    """How parameters are wrapped, which optimizers step them, what happens at a step end and at export.
 
-    name: str
+    Every method is built the same way, `Method(model, cfg, targets, head_prefix, total_steps)`: its own fields
+    come from `cfg.method` (the config it registered with), the budget from `cfg.train`. The defaults here
+    are no-ops; a method overrides what it needs.
+    """
+
+    updates_norm_stats = False
+    """Whether BatchNorm running statistics follow the training batches (`method.norm_stats=auto`)."""
+
+    def __init__(self, model: nn.Module, cfg: Config, targets: list[str], head_prefix: str, total_steps: int) -> None:
+        t = cfg.train
+        self.model, self.name, self.total_steps, self.seed = model, cfg.method.name, total_steps, t.seed
+        self.lr, self.head_lr, self.weight_decay = t.lr, t.lr if t.head_lr is None else t.head_lr, t.weight_decay
+        self.default_targets = cfg.model.targets is None  # the model's own set: some may be left out, and said
 
     def optimizers(self) -> list[torch.optim.Optimizer]:
         """The optimizers that step this method's trainable state (each gets the global lr schedule)."""
-        ...
+        raise NotImplementedError
 
     def set_train_mode(self, model: nn.Module) -> None:
-        """Put the model in training mode (frozen normalisation layers stay in eval mode)."""
-        ...
+        """Put the model in training mode (BatchNorm statistics frozen unless the method updates them)."""
+        model.train()
+        if not self.updates_norm_stats:
+            freeze_norm_stats(model)
 
     def after_backward(self) -> None:
         """Turn the gradients autograd produced into the gradients the optimizers see."""
-        ...
 
     def after_step(self, step: int) -> None:
         """Called after optimizer step number `step` (1-based)."""
-        ...
 
     def finish(self) -> None:
         """Leave the exported weights in the model's own parameters (merged, dense)."""
-        ...
 
     def summary(self) -> dict[str, Any]:
         """Numbers for the run log: trainable entries, episodes, ..."""
-        ...
+        return {}
 
     def state_bytes(self) -> dict[str, int]:
         """Bytes the method holds beside the model's weights, by kind (e.g. sparse values, indices)."""
-        ...
+        return {}
 
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """What a checkpoint needs beyond the model's weights and the optimizers: (tensors, JSON-able values)."""
-        ...
+        return {}, {}
 
     def load_state_dict(self, tensors: dict[str, torch.Tensor], values: dict[str, Any]) -> None:
         """Restore `state_dict()`'s output into a freshly built method (before its optimizers are restored)."""
-        ...
+
+
+def check_range(problems: list[str], key: str, value: float, low: float, high: float, closed: bool = False,
+                hint: str = "") -> None:
+    """Append a message when `low <= value < high` (`closed`: `<= high`) does not hold."""
+    ok = low <= value <= high if closed else low <= value < high
+    if not ok:
+        interval = f"[{low:g}, {high:g}{']' if closed else ')'}"
+        problems.append(f"'method.{key}' must be in {interval}, got {value}{f' ({hint})' if hint else ''}")
 
 
 def is_bias_or_norm(name: str, param: torch.Tensor) -> bool:

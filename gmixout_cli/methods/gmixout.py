@@ -13,22 +13,60 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
-from gmixout_cli.config.schema import MethodConfig
+from gmixout_cli.config.schema import Config, MethodConfig
 from gmixout_cli.kernels import fold_in_, gather_add_, mask_seed, sample_indices
-from gmixout_cli.methods.base import adamw, freeze_norm_stats, head_param_names, is_bias_or_norm
+from gmixout_cli.methods.base import Method, adamw, check_range, head_param_names, is_bias_or_norm
+from gmixout_cli.methods.registry import register_method
 from gmixout_cli.methods.sparse_optim import SparseAdamW
 
+DEFAULT_EPISODES = 30
 
-def episode_length(cfg: MethodConfig, total_steps: int) -> int:
+
+@dataclass
+class GMixoutConfig(MethodConfig):
+    """The sparse engine's fields (GMixout, and RandMask: one fixed mask)."""
+
+    p: float = 0.9
+    """Mask probability: a fraction 1-p of every target tensor trains per episode."""
+    k: int | None = None
+    """Episode length in optimizer steps (give k or episodes, not both)."""
+    episodes: int | None = None
+    """Number of episodes; with neither k nor episodes given, 30."""
+    lam: float = 0.5
+    """EMA coefficient of the anchor fold-in: A <- lam*A + (1-lam)*(A + s*M*delta)."""
+    export: Literal["anchor", "last"] = "anchor"
+    """What is exported: the final anchor, or the last episode's weights before the fold-in."""
+    fold_scale: bool = True
+    """Use s = 1/(1-p) in the anchor fold-in."""
+    reset_moments: bool = True
+    """Reset the AdamW moments of the delta at each episode."""
+    mask: Literal["bernoulli", "exact"] = "bernoulli"
+    """Bernoulli masks, or exactly round((1-p)*numel) kept entries per tensor."""
+    train_bias_norm: bool = False
+    """Also train biases and normalisation parameters densely (frozen by default)."""
+
+    def problems(self) -> list[str]:
+        out: list[str] = []
+        check_range(out, "p", self.p, 0.0, 1.0, hint="0.9 trains 10% of each target tensor")
+        check_range(out, "lam", self.lam, 0.0, 1.0, closed=True)
+        if self.k is not None and self.episodes is not None:
+            out.append("'method.k' and 'method.episodes' are both set: give one of them (set the other to null)")
+        for key, value in (("k", self.k), ("episodes", self.episodes)):
+            if value is not None and value < 1:
+                out.append(f"'method.{key}' must be >= 1, got {value}")
+        return out
+
+
+def episode_length(cfg: GMixoutConfig, total_steps: int) -> int:
     """k from `method.k`, or from `method.episodes` (default 30) as ceil(total_steps / episodes)."""
     if cfg.k is not None:
         return cfg.k
-    episodes = cfg.episodes if cfg.episodes is not None else 30
+    episodes = cfg.episodes if cfg.episodes is not None else DEFAULT_EPISODES
     return max(1, math.ceil(total_steps / episodes))
 
 
@@ -41,16 +79,20 @@ class _Target:
     hook: Any = None
 
 
-class GMixout:
+@register_method("gmixout", GMixoutConfig, summary="sparse EMA-anchored Mixout: per episode a fresh 1-p mask")
+@register_method("randmask", GMixoutConfig, presets={"episodes": 1, "k": None, "lam": 0.0},
+                 summary="one fixed random 1-p mask for the whole run (the sparse engine, one episode)")
+class GMixout(Method):
     """Sparse GMixout; the head (and, on request, biases and norms) train densely with AdamW."""
 
-    name = "gmixout"
-
-    def __init__(self, model: nn.Module, targets: list[str], head_prefix: str, cfg: MethodConfig,
-                 total_steps: int, seed: int, lr: float, head_lr: float, weight_decay: float) -> None:
-        self.cfg, self.seed, self.total_steps = cfg, seed, total_steps
-        self.k = episode_length(cfg, total_steps)
-        self.s = 1.0 / (1.0 - cfg.p)
+    def __init__(self, model: nn.Module, cfg: Config, targets: list[str], head_prefix: str, total_steps: int) -> None:
+        super().__init__(model, cfg, targets, head_prefix, total_steps)
+        assert isinstance(cfg.method, GMixoutConfig)
+        self.cfg = m = cfg.method
+        lr, head_lr, weight_decay = self.lr, self.head_lr, self.weight_decay
+        self.updates_norm_stats = m.train_bias_norm
+        self.k = episode_length(m, total_steps)
+        self.s = 1.0 / (1.0 - m.p)
         self.episode = 0
         self.steps_in_episode = 0
         head, target_set = set(head_param_names(model, head_prefix)), set(targets)
@@ -62,7 +104,7 @@ class GMixout:
                 dense_head.append(param)
             elif name in target_set:
                 target_params.append((name, param))
-            elif cfg.train_bias_norm and is_bias_or_norm(name, param):
+            elif m.train_bias_norm and is_bias_or_norm(name, param):
                 dense_bias_norm.append(param)
             else:
                 param.requires_grad_(False)
@@ -101,14 +143,6 @@ class GMixout:
     # -- the Method interface -------------------------------------------------------------
     def optimizers(self) -> list[torch.optim.Optimizer]:
         return [o for o in (self.sparse, self.dense) if o is not None]
-
-    def set_train_mode(self, model: nn.Module) -> None:
-        model.train()
-        if not self.cfg.train_bias_norm:
-            freeze_norm_stats(model)
-
-    def after_backward(self) -> None:
-        pass  # the hooks already gathered every target's gradient
 
     @torch.no_grad()
     def after_step(self, step: int) -> None:

@@ -24,16 +24,19 @@ weights, and parameters that are not a module's weight (cls tokens, position emb
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
+from gmixout_cli.config.schema import Config, MethodConfig
 from gmixout_cli.errors import UserError
 from gmixout_cli.methods.base import (
-    adamw, drop_grouped_convs, freeze_norm_stats, head_param_names, is_bias_or_norm, param_orders,
+    Method, adamw, check_range, drop_grouped_convs, head_param_names, is_bias_or_norm, param_orders,
     restore_param_orders,
 )
+from gmixout_cli.methods.registry import register_method
 
 ADAPTER_NAME = "default"
 _SUPPORTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding, nn.MultiheadAttention)
@@ -66,27 +69,43 @@ def resolve_owners(model: nn.Module, targets: list[str], method: str) -> dict[st
     return owners
 
 
-class PeftLoRA:
+@dataclass
+class LoRAConfig(MethodConfig):
+    """peft LoRA / DoRA: rank, scale, input dropout."""
+
+    r: int = 8
+    """Rank of the adapters."""
+    alpha: float | None = None
+    """Scale numerator (scale = alpha / r); null = 2r."""
+    lora_dropout: float = 0.0
+    """Dropout on the adapter input."""
+
+    @property
+    def scale_alpha(self) -> float:
+        return float(2 * self.r if self.alpha is None else self.alpha)
+
+    def problems(self) -> list[str]:
+        out: list[str] = []
+        if self.r < 1:
+            out.append(f"'method.r' must be >= 1, got {self.r}")
+        check_range(out, "lora_dropout", self.lora_dropout, 0.0, 1.0)
+        return out
+
+
+@register_method("lora", LoRAConfig, summary="peft LoRA adapters on the targets, merged at export")
+@register_method("dora", LoRAConfig, summary="peft DoRA adapters on the targets, merged at export")
+class PeftLoRA(Method):
     """LoRA (or DoRA) adapters from peft on the target modules; head trains densely."""
 
-    def __init__(
-        self,
-        model: nn.Module,
-        targets: list[str],
-        head_prefix: str,
-        r: int,
-        alpha: float,
-        dropout: float,
-        use_dora: bool,
-        lr: float,
-        head_lr: float,
-        weight_decay: float,
-        default_targets: bool = False,
-    ) -> None:
-        from peft import LoraConfig, inject_adapter_in_model
+    def __init__(self, model: nn.Module, cfg: Config, targets: list[str], head_prefix: str, total_steps: int) -> None:
+        from peft import LoraConfig as PeftLoraConfig
+        from peft import inject_adapter_in_model
 
-        self.name = "dora" if use_dora else "lora"
-        self.model = model
+        super().__init__(model, cfg, targets, head_prefix, total_steps)
+        assert isinstance(cfg.method, LoRAConfig)
+        r, alpha, dropout = cfg.method.r, cfg.method.scale_alpha, cfg.method.lora_dropout
+        use_dora = self.name == "dora"
+        lr, head_lr, weight_decay = self.lr, self.head_lr, self.weight_decay
         self.r = r
         self.use_dora = use_dora
         head = set(head_param_names(model, head_prefix))
@@ -95,7 +114,7 @@ class PeftLoRA:
             raise UserError(f"{self.name} target {in_head[0]} is in the head ({head_prefix}), which trains densely; "
                             "drop it from model.targets")
         self.skipped_grouped = 0
-        if default_targets:  # the model's default set (every conv): leave out what peft cannot merge, and say so
+        if self.default_targets:  # the model's default set (every conv): leave out what peft cannot merge, and say so
             targets, self.skipped_grouped = drop_grouped_convs(model, targets)
         owners = resolve_owners(model, targets, self.name)
         for module_name, parts in owners.items():
@@ -116,7 +135,7 @@ class PeftLoRA:
         self.targets = list(targets)
         self._orders = param_orders(model)
         self._head_names = sorted(head)
-        config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=sorted(owners),
+        config = PeftLoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=sorted(owners),
                             use_dora=use_dora, bias="none")
         try:
             inject_adapter_in_model(config, model, adapter_name=ADAPTER_NAME)
@@ -158,16 +177,6 @@ class PeftLoRA:
     # -- the Method interface -------------------------------------------------------------
     def optimizers(self) -> list[torch.optim.Optimizer]:
         return [self._optimizer]
-
-    def set_train_mode(self, model: nn.Module) -> None:
-        model.train()
-        freeze_norm_stats(model)
-
-    def after_backward(self) -> None:
-        pass
-
-    def after_step(self, step: int) -> None:
-        pass
 
     def finish(self) -> None:
         """Merge every adapter into its base weight and put the library's own modules back."""

@@ -24,13 +24,18 @@ Everything trains densely, as in full fine-tuning: the head (under its own lr), 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from gmixout_cli.methods.base import adamw, head_param_names, is_bias_or_norm, param_orders, restore_param_orders
+from gmixout_cli.config.schema import Config, MethodConfig
+from gmixout_cli.methods.base import (
+    Method, adamw, check_range, head_param_names, is_bias_or_norm, param_orders, restore_param_orders,
+)
+from gmixout_cli.methods.registry import register_method
 
 _SEED_STRIDE = 1_000_003  # keeps (seed, draw, target) keys apart for any realistic number of targets/draws
 
@@ -98,26 +103,30 @@ def _owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     return (model.get_submodule(module_name) if module_name else model), attr
 
 
-class Mixout:
+@dataclass
+class MixoutConfig(MethodConfig):
+    """The original Mixout's one field."""
+
+    p: float = 0.9
+    """Probability that an entry is mixed back to its pretrained value at a forward."""
+
+    def problems(self) -> list[str]:
+        out: list[str] = []
+        check_range(out, "p", self.p, 0.0, 1.0)
+        return out
+
+
+@register_method("mixout", MixoutConfig, summary="the original dense Mixout: a fresh mask every forward")
+class Mixout(Method):
     """Dense Mixout on the target weights; everything else trains densely as in full fine-tuning."""
 
-    name = "mixout"
+    updates_norm_stats = True
 
-    def __init__(
-        self,
-        model: nn.Module,
-        targets: list[str],
-        head_prefix: str,
-        p: float,
-        seed: int,
-        lr: float,
-        head_lr: float,
-        weight_decay: float,
-    ) -> None:
-        if not 0.0 <= p < 1.0:
-            raise ValueError(f"mixout p must be in [0, 1), got {p}")
-        self.model = model
-        self.p = p
+    def __init__(self, model: nn.Module, cfg: Config, targets: list[str], head_prefix: str, total_steps: int) -> None:
+        super().__init__(model, cfg, targets, head_prefix, total_steps)
+        assert isinstance(cfg.method, MixoutConfig)
+        self.p = p = cfg.method.p
+        seed, lr, head_lr, weight_decay = self.seed, self.lr, self.head_lr, self.weight_decay
         self.shared = _Shared()
         head = set(head_param_names(model, head_prefix))
         target_set = set(targets)
@@ -166,14 +175,8 @@ class Mixout:
     def optimizers(self) -> list[torch.optim.Optimizer]:
         return [self._optimizer]
 
-    def set_train_mode(self, model: nn.Module) -> None:
-        model.train()
-
     def after_backward(self) -> None:
         self.shared.slot = None  # a W cached by a checkpointed block's recompute
-
-    def after_step(self, step: int) -> None:
-        pass
 
     def finish(self) -> None:
         """Drop the parametrizations: every target is its plain parameter again, holding θ."""

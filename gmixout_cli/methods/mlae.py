@@ -20,22 +20,25 @@ forward, and a block recomputed under activation checkpointing sees the same exp
 `finish()` evaluates W in eval mode (no dropout), writes it into the original parameter and removes the
 parametrization, so the state dict has exactly the library's keys with merged values.
 
-alpha defaults to r (scale 1), a keyword beyond the brief's signature.
+alpha defaults to r (scale 1).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from gmixout_cli.config.schema import Config, MethodConfig
 from gmixout_cli.errors import UserError
 from gmixout_cli.methods.base import (
-    adamw, drop_grouped_convs, freeze_norm_stats, head_param_names, param_orders, restore_param_orders,
+    Method, adamw, check_range, drop_grouped_convs, head_param_names, param_orders, restore_param_orders,
 )
+from gmixout_cli.methods.registry import register_method
 
 
 class _Shared:
@@ -80,32 +83,39 @@ class MLAEParametrization(nn.Module):
         return weight + ((self.B * self.coefficients()) @ self.A * self.scale).view(self.shape)
 
 
-class MLAE:
+@dataclass
+class MLAEConfig(MethodConfig):
+    """Masked LoRA experts: rank, scale and expert dropout."""
+
+    r: int = 8
+    """Rank: the number of rank-1 experts per target."""
+    alpha: float | None = None
+    """Scale numerator (scale = alpha / r); null = r (scale 1)."""
+    p: float = 0.5
+    """Expert dropout on the coefficients during training."""
+
+    @property
+    def scale_alpha(self) -> float:
+        return float(self.r if self.alpha is None else self.alpha)
+
+    def problems(self) -> list[str]:
+        out: list[str] = []
+        check_range(out, "p", self.p, 0.0, 1.0)
+        if self.r < 1:
+            out.append(f"'method.r' must be >= 1, got {self.r}")
+        return out
+
+
+@register_method("mlae", MLAEConfig, summary="masked LoRA experts (rank-1 experts under dropout), merged at export")
+class MLAE(Method):
     """Masked LoRA experts on the target weights; the head trains densely; everything else frozen."""
 
-    name = "mlae"
-
-    def __init__(
-        self,
-        model: nn.Module,
-        targets: list[str],
-        head_prefix: str,
-        r: int,
-        p: float,
-        lr: float,
-        head_lr: float,
-        weight_decay: float,
-        alpha: float | None = None,
-        default_targets: bool = False,
-    ) -> None:
-        if not 0.0 <= p < 1.0:
-            raise ValueError(f"mlae p must be in [0, 1), got {p}")
-        if r < 1:
-            raise ValueError(f"mlae r must be >= 1, got {r}")
-        self.model = model
-        self.r = r
-        self.p = p
-        self.alpha = float(r if alpha is None else alpha)
+    def __init__(self, model: nn.Module, cfg: Config, targets: list[str], head_prefix: str, total_steps: int) -> None:
+        super().__init__(model, cfg, targets, head_prefix, total_steps)
+        assert isinstance(cfg.method, MLAEConfig)
+        r, p = cfg.method.r, cfg.method.p
+        self.r, self.p, self.alpha = r, p, cfg.method.scale_alpha
+        lr, head_lr, weight_decay = self.lr, self.head_lr, self.weight_decay
         self.shared = _Shared()
         head = set(head_param_names(model, head_prefix))
         params = dict(model.named_parameters())
@@ -115,7 +125,7 @@ class MLAE:
                             "fix model.targets")
         self.targets = list(dict.fromkeys(targets))
         self.skipped_grouped = 0
-        if default_targets:  # the model's default set: depthwise convs have no low-rank form here, say so
+        if self.default_targets:  # the model's default set: depthwise convs have no low-rank form here, say so
             self.targets, self.skipped_grouped = drop_grouped_convs(model, self.targets)
         for name in self.targets:
             module, attr = _owner(model, name)
@@ -162,16 +172,6 @@ class MLAE:
     # -- the Method interface -------------------------------------------------------------
     def optimizers(self) -> list[torch.optim.Optimizer]:
         return [self._optimizer]
-
-    def set_train_mode(self, model: nn.Module) -> None:
-        model.train()
-        freeze_norm_stats(model)
-
-    def after_backward(self) -> None:
-        pass
-
-    def after_step(self, step: int) -> None:
-        pass
 
     def finish(self) -> None:
         """Merge W0 + scale * B diag(c) A into each target and drop the parametrizations."""

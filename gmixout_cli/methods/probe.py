@@ -2,53 +2,40 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from gmixout_cli.methods.base import adamw, freeze_norm_stats, head_param_names
+from gmixout_cli.config.schema import Config, MethodConfig
+from gmixout_cli.methods.base import Method, adamw, head_param_names
+from gmixout_cli.methods.registry import register_method
 
 
-class LinearProbe:
+@dataclass
+class LinearProbeConfig(MethodConfig):
+    """The linear probe reads no field of its own (its learning rate is `train.head_lr`)."""
+
+
+@register_method("lp", LinearProbeConfig, summary="the head only (linear probe)")
+class LinearProbe(Method):
     """AdamW on the head alone (BatchNorm statistics frozen too, so the backbone is untouched)."""
 
-    name = "lp"
-
-    def __init__(self, model: nn.Module, head_prefix: str, head_lr: float, weight_decay: float) -> None:
+    def __init__(self, model: nn.Module, cfg: Config, targets: list[str], head_prefix: str, total_steps: int) -> None:
+        super().__init__(model, cfg, targets, head_prefix, total_steps)
         head = set(head_param_names(model, head_prefix))
         params = []
         for name, param in model.named_parameters():
             param.requires_grad_(name in head)
             if name in head:
                 params.append(param)
-        self._optimizer = adamw([{"params": params, "lr": head_lr, "weight_decay": weight_decay, "name": "head"}])
+        self._optimizer = adamw([{"params": params, "lr": self.head_lr, "weight_decay": self.weight_decay,
+                                  "name": "head"}])
         self._trainable = sum(p.numel() for p in params)
 
     def optimizers(self) -> list[torch.optim.Optimizer]:
         return [self._optimizer]
 
-    def set_train_mode(self, model: nn.Module) -> None:
-        model.train()
-        freeze_norm_stats(model)
-
-    def after_backward(self) -> None:
-        pass
-
-    def after_step(self, step: int) -> None:
-        pass
-
-    def finish(self) -> None:
-        pass
-
     def summary(self) -> dict[str, Any]:
         return {"trainable_entries": self._trainable}
-
-    def state_bytes(self) -> dict[str, int]:
-        return {}
-
-    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        return {}, {}
-
-    def load_state_dict(self, tensors: dict[str, torch.Tensor], values: dict[str, Any]) -> None:
-        pass

@@ -24,15 +24,15 @@ class SparseAdamW(torch.optim.Optimizer):
             if vals.grad is None:
                 continue
             state = self.state[vals]
-            if not state:
-                state["step"] = 0
+            if not state:  # torch's AdamW state format: a float32 CPU step tensor and two moments
+                state["step"] = torch.tensor(0.0)
                 state["exp_avg"] = torch.zeros_like(vals)
                 state["exp_avg_sq"] = torch.zeros_like(vals)
             state["step"] += 1
             beta1, beta2 = group["betas"]
             sparse_adamw_(group["weight"].view(-1), group["indices"], vals, vals.grad, state["exp_avg"],
                           state["exp_avg_sq"], lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
-                          weight_decay=group["weight_decay"], step=state["step"], scale=group["scale"])
+                          weight_decay=group["weight_decay"], step=int(state["step"]), scale=group["scale"])
 
     def replace_values(self, group: dict[str, Any], indices: torch.Tensor, reset_moments: bool) -> torch.Tensor:
         """Start a new episode for one group: fresh zero values at `indices`; moments reset, or carried over
@@ -44,7 +44,7 @@ class SparseAdamW(torch.optim.Optimizer):
             old_idx = group["indices"]
             pos = torch.searchsorted(old_idx, indices).clamp_(max=max(old_idx.numel() - 1, 0))
             shared = old_idx[pos] == indices if old_idx.numel() else torch.zeros_like(indices, dtype=torch.bool)
-            state = {"step": old_state["step"]}
+            state = {"step": old_state["step"].clone()}
             for key in ("exp_avg", "exp_avg_sq"):
                 state[key] = torch.zeros_like(vals)
                 state[key][shared] = old_state[key][pos[shared]]

@@ -102,7 +102,7 @@ def create_clip(config: dict, arch: str, pretrained: str | None = None) -> nn.Mo
 
 def build_open_clip(arch: str, tag: str | None, cfg: ModelConfig, class_names: list[str], seed: int) -> BuiltModel:
     """Builds an open_clip image classifier; the text tower only makes the zero-shot head, then is dropped."""
-    head_init = "zeroshot" if cfg.head_init == "auto" else cfg.head_init
+    head_init = cfg.head_init  # resolved by build_model
     weights = resolve_weights(cfg.weights)
     config = effective_config(arch, tag)
     if weights == "pretrained":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from fnmatch import fnmatchcase
 
@@ -67,6 +68,8 @@ def build_model(cfg: ModelConfig, class_names: list[str], seed: int = 0) -> Buil
     if not class_names:
         raise UserError("no classes found: the training domain needs at least one class folder")
     builder, is_clip = _lookup(cfg.name)
+    if cfg.head_init == "auto":  # CLIP has a zero-shot head from its text tower; other backbones a linear probe
+        cfg = dataclasses.replace(cfg, head_init="zeroshot" if is_clip else "linear_probe")
     if cfg.head_init == "zeroshot" and not is_clip:
         raise UserError(
             f"model.head_init=zeroshot needs a CLIP model (vit_b16_clip, vit_l14_clip, open_clip:<arch>:<tag>), "

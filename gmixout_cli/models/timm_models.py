@@ -153,7 +153,7 @@ def _finish(model: nn.Module, name: str, cfg: ModelConfig) -> BuiltModel:
         family="vit" if is_vit else "cnn",
         head=head,
         head_prefix=head_prefix,
-        head_init="linear_probe" if cfg.head_init == "auto" else cfg.head_init,
+        head_init=cfg.head_init,  # resolved by build_model
         default_targets=list(VIT_TARGETS) if is_vit else cnn_targets(model, head_prefix),
         mean=tuple(float(v) for v in pcfg.get("mean", (0.485, 0.456, 0.406))),  # type: ignore[arg-type]
         std=tuple(float(v) for v in pcfg.get("std", (0.229, 0.224, 0.225))),  # type: ignore[arg-type]

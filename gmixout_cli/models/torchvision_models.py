@@ -60,7 +60,7 @@ def build_mobilenet_v2(cfg: ModelConfig, class_names: list[str], seed: int) -> B
         family="cnn",
         head=head,
         head_prefix="classifier.1",
-        head_init="linear_probe" if cfg.head_init == "auto" else cfg.head_init,
+        head_init=cfg.head_init,  # resolved by build_model
         default_targets=cnn_targets(model, "classifier.1"),
         mean=IMAGENET_MEAN,
         std=IMAGENET_STD,

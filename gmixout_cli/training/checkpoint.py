@@ -137,10 +137,8 @@ def _restore(tensors: dict[str, torch.Tensor], meta: dict[str, Any], trainer: An
                 if any(v.shape != param.shape or v.dtype != param.dtype for v in moments.values()):
                     raise ValueError(f"optimizer moments {key} have another shape than their parameter")
                 step = meta["optimizer_steps"][key]
-                opt.state[param] = {
-                    # torch's AdamW keeps the step as a tensor, the sparse one as an int
-                    "step": torch.tensor(float(step)) if isinstance(opt, torch.optim.AdamW) else int(step),
-                    **{m: v.to(param.device) for m, v in moments.items()},
+                opt.state[param] = {  # torch's AdamW state format, which the sparse optimizer keeps too
+                    "step": torch.tensor(float(step)), **{m: v.to(param.device) for m, v in moments.items()},
                 }
     if len(meta["schedule"]) != len(trainer.schedulers):
         raise ValueError("another number of learning-rate schedules")

@@ -11,7 +11,6 @@ The last training step is checkpointed before the method's export transform, so 
 
 from __future__ import annotations
 
-import dataclasses
 import errno
 import json
 import math
@@ -32,6 +31,7 @@ from gmixout_cli.data import (
 from gmixout_cli.data.epochs import EpochBatches
 from gmixout_cli.errors import Interrupted, UserError
 from gmixout_cli.eval import evaluate_domains, ood_sets
+from gmixout_cli.methods.registry import method_model_config
 from gmixout_cli.models import BuiltModel, build_model, save_classifier
 from gmixout_cli.training.checkpoint import CHECKPOINT, load_checkpoint, read_checkpoint_meta, save_checkpoint
 from gmixout_cli.training.linear_probe import extract_features, fit_linear_probe
@@ -101,10 +101,7 @@ def prepare(cfg: Config, run_dir: Path, console: Console, resume: bool) -> Prepa
     # every image and every class set is checked now, not after an hour of training
     data, skipped = verify_domain_data(data, cfg.data.unreadable, cfg.data.num_workers)
     ood, skipped_ood = ood_sets(data, sibling_domains(data, cfg.data.ood), cfg.data.unreadable, cfg.data.num_workers)
-    model_cfg = cfg.model
-    if cfg.method.name == "lpft" and model_cfg.head_init == "auto":  # LP-FT: the head starts from a linear probe
-        model_cfg = dataclasses.replace(model_cfg, head_init="linear_probe")
-    built = build_model(model_cfg, data.classes, t.seed)
+    built = build_model(method_model_config(cfg), data.classes, t.seed)
     built.model.to(device)
     image_size = input_size(cfg, built)
     eval_tf = build_transform(image_size, built.mean, built.std, train=False)

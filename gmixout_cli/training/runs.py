@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gmixout_cli.config import Config, build_config, config_to_dict, flatten_dict, load_config, read_yaml
+from gmixout_cli.config import Config, build_saved_config, config_to_dict, flatten_dict, load_config, read_yaml
 from gmixout_cli.errors import UserError
 from gmixout_cli.training.checkpoint import CHECKPOINT, config_hash, read_checkpoint_meta
 from gmixout_cli.utils.io import remove_stale_temporaries, write_yaml
@@ -184,4 +184,4 @@ def read_run_config(run_dir: Path) -> Config:
     path = run_dir / "config.yaml"
     if not path.is_file():
         raise UserError(f"{run_dir} has no config.yaml, so it is not a gmixout run folder: give a run folder")
-    return build_config(read_yaml(path))
+    return build_saved_config(read_yaml(path))

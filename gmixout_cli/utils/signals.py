@@ -1,8 +1,8 @@
 """SIGINT / SIGTERM / SIGHUP during a run: finish the step, write a checkpoint, stop with one line.
 
 Schedulers (Slurm, Kubernetes, `timeout`) signal every process of the job, DataLoader workers too.
-Workers therefore ignore these signals (`ignore_stop_signals`, their init function) and leave the
-decision to the main process, which stops at the next point where its state is whole:
+Workers leave the decision to the main process (`worker_stop_signals`, their init function), which
+stops at the next point where its state is whole:
 
 - before training (set-up) and after export (evaluation) there is nothing to lose: stop at once;
 - while training: the current step finishes, a checkpoint of it is written, then the run stops;
@@ -14,6 +14,7 @@ A second SIGINT while training stops at once (the last checkpoint stays as it wa
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import threading
 from collections.abc import Iterator
@@ -73,7 +74,17 @@ def stop_on_signals() -> Iterator[StopFlag]:
             signal.signal(s, h)
 
 
-def ignore_stop_signals(worker_id: int = 0) -> None:
-    """In a DataLoader worker: leave the stop signals to the main process (it ends the workers itself)."""
+def worker_stop_signals(worker_id: int = 0) -> None:
+    """In a DataLoader worker: leave SIGINT and SIGHUP to the main process; on SIGTERM exit quietly.
+
+    A worker ended by a signal makes torch raise in the main process at whatever line it is running,
+    mid-step too; a worker that exits with status 0 is noticed only at the next batch fetch, between
+    steps, where the main process, stopping on the same signal, needs no more batches. SIGTERM is not
+    ignored: multiprocessing and torch end workers with it at shutdown.
+    """
     for s in STOP_SIGNALS:
-        signal.signal(s, signal.SIG_IGN)
+        signal.signal(s, _exit_quietly if s == signal.SIGTERM else signal.SIG_IGN)
+
+
+def _exit_quietly(signum: int, frame: object) -> None:
+    os._exit(0)
