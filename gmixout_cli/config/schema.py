@@ -93,7 +93,7 @@ class TrainConfig:
 
 @dataclass
 class MethodConfig:
-    """The fine-tuning method and its hyperparameters (see METHOD.md)."""
+    """The fine-tuning method and its hyperparameters (see docs/METHOD.md)."""
 
     name: Literal["gmixout", "full", "lp", "lpft", "randmask", "mixout", "lora", "dora", "mlae"] = "gmixout"
     """`gmixout`; baselines: `full` (full fine-tuning), `lp` (linear probe: the head only), `lpft` (full
