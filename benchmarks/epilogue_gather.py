@@ -1,4 +1,4 @@
-"""Exploration (issue 3): gather GMixout's sparse weight gradient inside the matmul that produces it.
+"""Exploration: gather GMixout's sparse weight gradient inside the matmul that produces it.
 
 Today a target's weight gradient dW = G^T X ([out, in], G: [T, out] output gradient, X: [T, in]
 input, T tokens) is made densely by autograd (cuBLAS), then `gather_add_` reads it at the episode's

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU work of issues 3 and 4 in calls that each fit the lent machine's 10-minute limit.
+# The GPU work of the sparse-engine and PACS benchmarks in calls that each fit the lent machine's 10-minute limit.
 # Prepare here (benchmarks/README.md, "On the lent GPU machine"): wheels in .whl*/, PACS in .pacs128/.
 #
 #   bash benchmarks/gpu_job.sh engine            # CUDA kernel tests, kernel_bench, epilogue_gather, step_bench ViT-B-16

@@ -1,4 +1,4 @@
-"""Dense Mixout (the original method, METHOD.md): exactness at p=0, eval = θ, unbiasedness, export."""
+"""Dense Mixout (the original method, docs/METHOD.md): exactness at p=0, eval = θ, unbiasedness, export."""
 
 from __future__ import annotations
 

@@ -37,7 +37,7 @@ def merge(
     wise: (1-alpha)*initial + alpha*fine-tuned on every floating tensor; several alphas are scored on the
     run's held-out split and the best is kept. uniform: the mean of several runs. greedy: runs sorted by
     held-out accuracy, each added only if the soup's held-out accuracy improves. monosoup: each matrix
-    update split into its dominant spectral part and the rest, reweighted (METHOD.md).
+    update split into its dominant spectral part and the rest, reweighted (docs/METHOD.md).
 
     Examples:
 

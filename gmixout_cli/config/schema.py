@@ -94,7 +94,8 @@ class TrainConfig:
 @dataclass
 class MethodConfig:
     """Fields every method has. Each method extends it with its own typed config, in its own module
-    (`gmixout_cli/methods/`), registered by name: `gmixout methods` lists them with their fields."""
+    (`gmixout_cli/methods/`), registered by name: `gmixout methods` lists them with their fields
+    (docs/METHOD.md specifies each method)."""
 
     name: str = "gmixout"
     """`gmixout`; baselines: `full`, `lp`, `lpft`, `randmask`, `mixout`, `lora`, `dora`, `mlae`."""

@@ -1,4 +1,4 @@
-"""Model soups (uniform, greedy) and MonoSoup (METHOD.md, exact), on state dicts of one architecture."""
+"""Model soups (uniform, greedy) and MonoSoup (docs/METHOD.md, exact), on state dicts of one architecture."""
 
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ def greedy_soup(
 
 
 def monosoup(base: State, tuned: State) -> State:
-    """MonoSoup: split each matrix update into its top-k spectral part and the rest, reweighted (METHOD.md).
+    """MonoSoup: split each matrix update into its top-k spectral part and the rest, reweighted (docs/METHOD.md).
 
     For ndim >= 2 tensors (conv kernels as [out, rest]) with ||dW|| / ||W0|| > 1e-6: k is the exponential of
     the entropy of the normalised singular values (ceil, clamped to [1, rank]); P_k the top-k energy share;

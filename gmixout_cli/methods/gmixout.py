@@ -1,4 +1,4 @@
-"""GMixout through the sparse engine (METHOD.md, "The sparse engine").
+"""GMixout through the sparse engine (docs/METHOD.md, "The sparse engine").
 
 The dense fp32 weight W of every target stays in place equal to A + s*(M * delta); the anchor A is
 never stored (A = W - s*delta at the kept entries, W elsewhere). Per episode and target only sorted

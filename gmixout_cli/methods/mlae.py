@@ -1,4 +1,4 @@
-"""MLAE, Masked LoRA Experts (Wang et al.; github jie040109/MLAE; ../papers/mlae.md).
+"""MLAE, Masked LoRA Experts (Wang et al.; github jie040109/MLAE; docs/METHOD.md).
 
 Each target weight W0 [out, in] gets a rank-r LoRA split into r rank-1 experts b_i a_i, each with a
 learnable coefficient c_i initialised to 1:
@@ -20,7 +20,7 @@ forward, and a block recomputed under activation checkpointing sees the same exp
 `finish()` evaluates W in eval mode (no dropout), writes it into the original parameter and removes the
 parametrization, so the state dict has exactly the library's keys with merged values.
 
-alpha defaults to r (scale 1).
+alpha defaults to r (scale 1), a keyword beyond the paper's r and p.
 """
 
 from __future__ import annotations
