@@ -32,11 +32,14 @@ def git_head() -> str | None:
         return None
 
 
-def provenance(benchmark: str, device: torch.device) -> dict[str, Any]:
-    """The keys a result JSON starts with: what ran, where, when, at which commit, by which command."""
+def provenance(benchmark: str, device: torch.device, argv: list[str] | None = None) -> dict[str, Any]:
+    """The keys a result JSON starts with: what ran, where, when, at which commit, by which command.
+
+    `benchmark` is the module's name under benchmarks/; `argv` its arguments (default: this process's)."""
+    args = sys.argv[1:] if argv is None else argv
     return {"benchmark": benchmark, "device": device_name(device),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(), "git_commit": git_head(),
-            "command": " ".join(["python", f"benchmarks/{Path(sys.argv[0]).name}", *sys.argv[1:]])}
+            "command": " ".join(["python", "-m", f"benchmarks.{benchmark}", *args])}
 
 
 def next_free(path: Path) -> Path:

@@ -1,6 +1,6 @@
 """CPU memory phase by phase: where the resident set of a few training steps goes, one method per process.
 
-    python benchmarks/rss_phases.py                  # ViT-B/16 (random weights), batch 2, full and gmixout
+    python -m benchmarks.rss_phases                  # ViT-B/16 (random weights), batch 2, full and gmixout
 
 A thread samples the RSS every millisecond and keeps the peak of each phase (model build, trainer set-up,
 forward, backward, optimizer step); between steps `malloc_trim` hands freed heap pages back, so the
@@ -22,11 +22,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import ROOT, provenance  # noqa: E402
-
-from gmixout_cli.config import load_config  # noqa: E402
-from gmixout_cli.utils.memory import current_rss_bytes  # noqa: E402
+from benchmarks.bench_common import ROOT, provenance
+from gmixout_cli.config import load_config
+from gmixout_cli.utils.memory import current_rss_bytes
 
 
 class PhasePeaks:
@@ -95,7 +93,8 @@ def _steps(peaks: PhasePeaks, model: str, method: str, batch: int, steps: int, e
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.rss_phases", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="vit_b16_clip")
     ap.add_argument("--batch-size", type=int, default=2)
     ap.add_argument("--steps", type=int, default=4)
@@ -110,8 +109,8 @@ def main() -> None:
     result: dict = {**provenance("rss_phases", torch.device("cpu")),
                     "model": args.model, "batch_size": args.batch_size, "p": args.p}
     for method in extra:  # each in its own process, as cpu_rss.py
-        out = subprocess.run([sys.executable, __file__, "--one", method, "--model", args.model, "--batch-size",
-                              str(args.batch_size), "--steps", str(args.steps), "--p", str(args.p)],
+        out = subprocess.run([sys.executable, "-m", "benchmarks.rss_phases", "--one", method, "--model", args.model,
+                              "--batch-size", str(args.batch_size), "--steps", str(args.steps), "--p", str(args.p)],
                              capture_output=True, text=True, check=True, cwd=ROOT)
         peaks = json.loads(out.stdout.strip().splitlines()[-1])
         last = args.steps - 1  # the steady step: warm allocator, optimizer state in place

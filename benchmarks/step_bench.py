@@ -1,12 +1,12 @@
 """Training-step time and peak memory of full / LoRA / Mixout / GMixout side by side, in one process.
 
     # GPU run (the default grid: 2 archs x 2 batches x checkpointing on/off x 5 methods = 40 configs)
-    python benchmarks/step_bench.py
+    python -m benchmarks.step_bench
     # the same, one arch per process (shorter processes; the second run's file gets a _2 suffix)
-    python benchmarks/step_bench.py --archs ViT-B-16
-    python benchmarks/step_bench.py --archs ViT-L-14
+    python -m benchmarks.step_bench --archs ViT-B-16
+    python -m benchmarks.step_bench --archs ViT-L-14
     # CPU smoke run (a minute or two; fp32, peak RSS instead of CUDA memory)
-    python benchmarks/step_bench.py --archs ViT-B-16 --batches 2 --steps 2 --warmup 1 --checkpointing off
+    python -m benchmarks.step_bench --archs ViT-B-16 --batches 2 --steps 2 --warmup 1 --checkpointing off
 
 Model: open_clip's visual tower with RANDOM weights (`open_clip.create_model(arch).visual`, no
 download) plus a 1000-class nn.Linear head on the L2-normalised embedding; inputs are one fixed random
@@ -53,14 +53,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-from bench_common import device_name, git_head, next_free, versions  # noqa: E402
-
-from gmixout_cli.training.schedule import make_scheduler  # noqa: E402
-from gmixout_cli.utils.memory import current_rss_bytes, peak_rss_since_reset, reset_peak_rss  # noqa: E402
+from benchmarks.bench_common import ROOT, device_name, git_head, next_free, versions
+from gmixout_cli.training.schedule import make_scheduler
+from gmixout_cli.utils.memory import current_rss_bytes, peak_rss_since_reset, reset_peak_rss
 
 TARGET_PATTERNS = [  # the package's default CLIP targets (gmixout_cli/models/clip.py)
     "visual.transformer.resblocks.*.attn.in_proj_weight",
@@ -349,7 +344,7 @@ def add_ratios(records: list[dict[str, Any]]) -> None:
 
 # -- the run -----------------------------------------------------------------------------------
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.step_bench", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     ap.add_argument("--archs", default="ViT-B-16,ViT-L-14", help="open_clip architectures, comma-separated")
     ap.add_argument("--batches", default="64,128", help="batch sizes, comma-separated")
