@@ -3,8 +3,10 @@
     python -m benchmarks.rss_phases                  # ViT-B/16 (random weights), batch 2, full and gmixout
 
 A thread samples the RSS every millisecond and keeps the peak of each phase (model build, trainer set-up,
-forward, backward, optimizer step); between steps `malloc_trim` hands freed heap pages back, so the
-"between steps" figure is what the method really holds. Explains cpu_rss.py's ratio; writes JSON.
+forward, backward, optimizer step) of the product's `Trainer.train_step`, told apart by its `on_phase`
+hook; "optimizer" spans the method's gradient hand-over, clipping, the optimizers and the method's step
+end. Between steps `malloc_trim` hands freed heap pages back, so the "between steps" figure is what the
+method really holds. Explains cpu_rss.py's ratio; writes JSON.
 """
 
 from __future__ import annotations
@@ -20,11 +22,13 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from benchmarks.bench_common import ROOT, provenance
 from gmixout_cli.config import load_config
 from gmixout_cli.utils.memory import current_rss_bytes
+
+# the trainer's phase that has just ended -> the phase sampled from then on (the others stay in "optimizer")
+NEXT_PHASE = {"forward": "backward", "backward": "optimizer"}
 
 
 class PhasePeaks:
@@ -75,20 +79,18 @@ def _steps(peaks: PhasePeaks, model: str, method: str, batch: int, steps: int, e
     trainer = make_trainer(cfg, built, torch.device("cpu"), total_steps=steps + 10)
     x, y = torch.randn(batch, 3, built.image_size, built.image_size), torch.randint(0, 1000, (batch,))
     trim = ctypes.CDLL("libc.so.6").malloc_trim
-    for step in range(steps):  # Trainer.train_step split into phases (grad clipping left out: scalars only)
+
+    def on_phase(ended: str) -> None:
+        if ended == "after_step":  # trainer.step already counts the step that just ended
+            trim(0)
+            peaks.enter(f"step{trainer.step - 1}.between")
+        elif ended in NEXT_PHASE:
+            peaks.enter(f"step{trainer.step}.{NEXT_PHASE[ended]}")
+
+    trainer.on_phase = on_phase
+    for step in range(steps):
         peaks.enter(f"step{step}.forward")
-        loss = F.cross_entropy(trainer.model(x), y)
-        peaks.enter(f"step{step}.backward")
-        loss.backward()
-        peaks.enter(f"step{step}.optimizer")
-        trainer.method.after_backward()
-        for opt in trainer.optimizers:
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        trainer.step += 1
-        trainer.method.after_step(trainer.step)
-        trim(0)
-        peaks.enter(f"step{step}.between")
+        trainer.train_step(x, y)
     return peaks.stop()
 
 
