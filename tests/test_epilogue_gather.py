@@ -7,6 +7,8 @@ import os
 import pytest
 import torch
 
+pytestmark = pytest.mark.bench
+
 
 def _device() -> torch.device:
     pytest.importorskip("triton")

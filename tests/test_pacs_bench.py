@@ -12,6 +12,8 @@ from conftest import COLORS, write_domains
 from benchmarks import pacs
 from benchmarks import pacs_report as report
 
+pytestmark = pytest.mark.bench
+
 
 def _pacs_like(root: Path) -> Path:
     """Three domains with PACS-format split lists (train / crossval, test = both)."""

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.bench
+
 
 def test_every_method_steps_and_gets_its_ratios(tmp_path: Path) -> None:
     pytest.importorskip("open_clip")
