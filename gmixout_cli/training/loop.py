@@ -33,7 +33,7 @@ class Trainer:
     on_phase: Callable[[str], None] | None = None
     """Called with each phase's name as it ends: "forward" and "backward" (once per micro-batch),
     "after_backward", "clip", "optimizer", "after_step". The step benchmarks time and sample memory
-    through it; None (the default) adds nothing to the step."""
+    through it; with None (the default) each boundary costs one call of a no-op function."""
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> float:
         """Forward, backward, the method's gradient hand-over, clip, the optimizers, the method's step end."""
