@@ -11,7 +11,11 @@ from typing import Any
 
 import torch
 
+from gmixout_cli.utils.environment import library_versions
+
 ROOT = Path(__file__).resolve().parents[1]
+# result JSONs name libraries by import name; the distribution's name where it differs
+DISTRIBUTIONS = {"open_clip": "open_clip_torch"}
 
 
 def device_name(device: torch.device) -> str:
@@ -32,11 +36,14 @@ def git_head() -> str | None:
         return None
 
 
-def provenance(benchmark: str, device: torch.device) -> dict[str, Any]:
-    """The keys a result JSON starts with: what ran, where, when, at which commit, by which command."""
+def provenance(benchmark: str, device: torch.device, argv: list[str] | None = None) -> dict[str, Any]:
+    """The keys a result JSON starts with: what ran, where, when, at which commit, by which command.
+
+    `benchmark` is the module's name under benchmarks/; `argv` its arguments (default: this process's)."""
+    args = sys.argv[1:] if argv is None else argv
     return {"benchmark": benchmark, "device": device_name(device),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(), "git_commit": git_head(),
-            "command": " ".join(["python", f"benchmarks/{Path(sys.argv[0]).name}", *sys.argv[1:]])}
+            "command": " ".join(["python", "-m", f"benchmarks.{benchmark}", *args])}
 
 
 def next_free(path: Path) -> Path:
@@ -50,10 +57,8 @@ def next_free(path: Path) -> Path:
 
 
 def versions(modules: tuple[str, ...] = ("triton", "open_clip", "peft", "timm")) -> dict[str, str | None]:
-    out: dict[str, str | None] = {"torch": torch.__version__, "python": platform.python_version()}
-    for mod in modules:
-        try:
-            out[mod] = __import__(mod).__version__
-        except Exception:  # noqa: BLE001 - a missing optional package is just recorded
-            out[mod] = None
-    return out
+    """torch's, Python's and each module's installed version (None when absent), keyed by import name."""
+    found = library_versions(tuple(DISTRIBUTIONS.get(m, m) for m in modules))
+    # torch.__version__, not the distribution's: only it names the CUDA build ("2.14.1+cu130")
+    return {"torch": torch.__version__, "python": found["python"],
+            **{m: found[DISTRIBUTIONS.get(m, m)] for m in modules}}

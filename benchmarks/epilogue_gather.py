@@ -11,8 +11,8 @@ along the tile's row. Only Bernoulli masks (not `method.mask=exact`) have that s
 
 The engine keeps the dense-then-gather path unless this benchmark shows the fused kernel pays:
 
-    python benchmarks/epilogue_gather.py                 # a GPU: times cuBLAS dW (+ gather) vs fused
-    TRITON_INTERPRET=1 python benchmarks/epilogue_gather.py --check-only   # CPU: correctness only
+    python -m benchmarks.epilogue_gather                 # a GPU: times cuBLAS dW (+ gather) vs fused
+    TRITON_INTERPRET=1 python -m benchmarks.epilogue_gather --check-only   # CPU: correctness only
 
 Results go to benchmarks/results/epilogue_gather_<device>.json.
 """
@@ -21,18 +21,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import ROOT, provenance  # noqa: E402
-from kernel_bench import ARCHS, shapes, timeit  # noqa: E402
-
-from gmixout_cli.kernels import gather_add_, sample_indices  # noqa: E402
-from gmixout_cli.kernels.masks import keep_threshold  # noqa: E402
+from benchmarks.bench_common import ROOT, provenance
+from benchmarks.kernel_bench import ARCHS, shapes, timeit
+from gmixout_cli.kernels import gather_add_, sample_indices
+from gmixout_cli.kernels.masks import keep_threshold
 
 CONFIGS = [(128, 128, 32, 8, 3), (128, 64, 64, 4, 3), (64, 128, 64, 4, 4), (64, 64, 64, 4, 3)]  # BM BN BK warps stages
 
@@ -146,7 +142,8 @@ def bench(arch: str, batch: int, p: float, repeats: int, device: torch.device) -
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.epilogue_gather", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--archs", default="ViT-B-16,ViT-L-14")
     ap.add_argument("--batches", default="64,128")
     ap.add_argument("--p", type=float, default=0.9)

@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
-# The GPU work of the sparse-engine and PACS benchmarks in calls that each fit the lent machine's 10-minute limit.
+# The benchmarks' GPU work in calls that each fit the lent machine's 10-minute limit.
 # Prepare here (benchmarks/README.md, "On the lent GPU machine"): wheels in .whl*/, PACS in .pacs128/.
 #
 #   bash benchmarks/gpu_job.sh engine            # CUDA kernel tests, kernel_bench, epilogue_gather, step_bench ViT-B-16
 #   bash benchmarks/gpu_job.sh steps-l14         # step_bench ViT-L-14
 #   bash benchmarks/gpu_job.sh pacs BACKBONE SOURCES [SEEDS]   # e.g. pacs efficientnet_lite0 photo,sketch
-#   bash benchmarks/gpu_job.sh sweep BACKBONE SOURCE [SEEDS]   # pacs_sweep.py: GMixout variants on crossval
+#   bash benchmarks/gpu_job.sh sweep BACKBONE SOURCE [SEEDS]   # benchmarks.pacs_sweep: GMixout variants on crossval
 #
 # Everything it measures lands in $OUT (results.tgz: benchmarks/results files and, for pacs, the runs'
-# small files so that a later call or `pacs.py --report-only` here continues from them).
+# small files so that a later call or `python -m benchmarks.pacs --report-only` here continues from them).
 set -uo pipefail
 OUT=${OUT:-/tmp/gmixout-out}
 mkdir -p "$OUT"
@@ -30,20 +30,20 @@ case "${1:-}" in
   engine)
     TRITON_INTERPRET=0 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_epilogue_gather.py \
       2>&1 | tee "$OUT/kernel_tests.log"
-    python3 benchmarks/kernel_bench.py 2>&1 | tee "$OUT/kernel_bench.log"
-    python3 benchmarks/epilogue_gather.py 2>&1 | tee "$OUT/epilogue_gather.log"
-    python3 benchmarks/step_bench.py --archs ViT-B-16 2>&1 | tee "$OUT/step_bench_b16.log"
+    python3 -m benchmarks.kernel_bench 2>&1 | tee "$OUT/kernel_bench.log"
+    python3 -m benchmarks.epilogue_gather 2>&1 | tee "$OUT/epilogue_gather.log"
+    python3 -m benchmarks.step_bench --archs ViT-B-16 2>&1 | tee "$OUT/step_bench_b16.log"
     ;;
   steps-l14)
-    python3 benchmarks/step_bench.py --archs ViT-L-14 2>&1 | tee "$OUT/step_bench_l14.log"
+    python3 -m benchmarks.step_bench --archs ViT-L-14 2>&1 | tee "$OUT/step_bench_l14.log"
     ;;
   pacs)
     backbone=${2:?backbone}; sources=${3:?sources}; seeds=${4:-0,1,2}
     if [ -f pacs-runs.tgz ]; then tar xzf pacs-runs.tgz; fi  # the small files of an earlier call's runs
     # stop after 8 minutes so that the report (decoding the eval sets again) and the archive fit in the call
-    timeout 480 python3 benchmarks/pacs.py --data .pacs128 --backbone "$backbone" --sources "$sources" \
+    timeout 480 python3 -m benchmarks.pacs --data .pacs128 --backbone "$backbone" --sources "$sources" \
       --seeds "$seeds" --workers 12 2>&1 | tee "$OUT/pacs.log"
-    python3 benchmarks/pacs.py --data .pacs128 --backbone "$backbone" --sources "$sources" --seeds "$seeds" \
+    python3 -m benchmarks.pacs --data .pacs128 --backbone "$backbone" --sources "$sources" --seeds "$seeds" \
       --report-only 2>&1 | tail -5
     save_runs
     ;;
@@ -51,7 +51,7 @@ case "${1:-}" in
     backbone=${2:?backbone}; source=${3:?source}; seeds=${4:-0,1,2}
     if [ -f pacs-runs.tgz ]; then tar xzf pacs-runs.tgz; fi
     # a sweep cut off by the timeout writes nothing, but its finished runs come back and the next call reuses them
-    timeout 540 python3 benchmarks/pacs_sweep.py --data .pacs128 --backbone "$backbone" --source "$source" \
+    timeout 540 python3 -m benchmarks.pacs_sweep --data .pacs128 --backbone "$backbone" --source "$source" \
       --seeds "$seeds" --workers 12 2>&1 | tee "$OUT/pacs_sweep.log"
     save_runs
     ;;

@@ -1,7 +1,7 @@
 """Kernel microbenchmark at the ViT target shapes: sparse AdamW step, gradient gather, mask sampling, fold-in.
 
-    python benchmarks/kernel_bench.py                  # on a GPU: Triton kernels vs PyTorch references vs dense AdamW
-    python benchmarks/kernel_bench.py --archs ViT-B-16 --repeats 3   # CPU smoke run (references only)
+    python -m benchmarks.kernel_bench                  # on a GPU: Triton kernels vs PyTorch references vs dense AdamW
+    python -m benchmarks.kernel_bench --archs ViT-B-16 --repeats 3   # CPU smoke run (references only)
 
 For every target shape of a ViT block (in_proj, out_proj, c_fc, c_proj) and p, it times each
 kernel and its PyTorch reference (index_select / index_add_ based), and a dense fused torch AdamW
@@ -15,18 +15,14 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import ROOT, provenance  # noqa: E402
-
-from gmixout_cli.kernels import masks, sparse_adamw, sparse_ops  # noqa: E402
+from benchmarks.bench_common import ROOT, provenance
+from gmixout_cli.kernels import masks, sparse_adamw, sparse_ops
 
 # (width, mlp width, blocks) of open_clip's visual towers
 ARCHS = {"ViT-B-16": (768, 3072, 12), "ViT-L-14": (1024, 4096, 24)}
@@ -83,7 +79,8 @@ def bench_shape(shape: tuple[int, int], p: float, device: torch.device, repeats:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.kernel_bench", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--archs", default="ViT-B-16,ViT-L-14")
     ap.add_argument("--p", default="0.9")
     ap.add_argument("--repeats", type=int, default=20)

@@ -1,9 +1,9 @@
 """PACS robustness benchmark: every method with the same budget, lr chosen on crossval, several seeds.
 
     # the CPU run committed in benchmarks/results (EfficientNet-Lite0, photo as source, 128 px)
-    python benchmarks/pacs.py --backbone efficientnet_lite0 --sources photo
+    python -m benchmarks.pacs --backbone efficientnet_lite0 --sources photo
     # all four sources, both backbones (a GPU: add train.epochs etc. to taste)
-    python benchmarks/pacs.py --backbone mobilenet_v2 --sources photo,art_painting,cartoon,sketch --epochs 5
+    python -m benchmarks.pacs --backbone mobilenet_v2 --sources photo,art_painting,cartoon,sketch --epochs 5
 
 Protocol (README of ../shared/data/pacs): train on the source's official train list, select on its
 crossval list, report in-domain top-1 on its official test list and top-1 on every image of each other
@@ -38,20 +38,16 @@ from typing import Any
 import torch
 from rich.console import Console
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench_common import ROOT, device_name, git_head, versions  # noqa: E402
-from pacs_report import carry_over, write_report  # noqa: E402
-
-from gmixout_cli.config import config_to_dict, flatten_dict, load_config, read_yaml  # noqa: E402
-from gmixout_cli.methods.registry import unread_fields  # noqa: E402
-from gmixout_cli.errors import UserError  # noqa: E402
-from gmixout_cli.data import build_transform, load_domain, load_eval_domain, make_loader  # noqa: E402
-from gmixout_cli.merge import initial_state, interpolate, load_weights  # noqa: E402
-from gmixout_cli.models import load_classifier  # noqa: E402
-from gmixout_cli.training import finetune  # noqa: E402
-from gmixout_cli.utils.io import write_json, write_yaml  # noqa: E402
+from benchmarks.bench_common import ROOT, device_name, git_head, versions
+from benchmarks.pacs_report import carry_over, write_report
+from gmixout_cli.config import config_to_dict, flatten_dict, load_config, read_yaml
+from gmixout_cli.methods.registry import unread_fields
+from gmixout_cli.data import build_transform, load_domain, load_eval_domain, make_loader
+from gmixout_cli.errors import UserError
+from gmixout_cli.merge import initial_state, interpolate, load_weights
+from gmixout_cli.models import load_classifier
+from gmixout_cli.training import finetune
+from gmixout_cli.utils.io import write_json, write_yaml
 
 # method -> (overrides on the backbone's gmixout recipe, grid key, CPU grid). `full` is the plain baseline
 # (zero head); every other baseline starts from the linear-probe head (pinned: it stays their protocol when
@@ -252,7 +248,7 @@ def bench_source(args: argparse.Namespace, source: str, methods: list[str], star
     report = {
         "benchmark": "pacs", "backbone": args.backbone, "source": source, "ood_domains": sets.ood,
         "device": ", ".join(sorted({r["device"] for r in records})) or device_name(DEVICE), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-        "git_commit": args.commit, "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "git_commit": args.commit, "command": " ".join(["python", "-m", "benchmarks.pacs", *sys.argv[1:]]),
         "versions": versions(("timm", "peft", "torchvision")),
         "settings": {"epochs": args.epochs, "image_size": args.image_size, "batch_size": args.batch_size,
                      "seeds": args.seeds, "extra_overrides": args.set, "recipe": f"gmixout_{args.backbone}",
@@ -274,7 +270,7 @@ def bench_source(args: argparse.Namespace, source: str, methods: list[str], star
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.pacs", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     ap.add_argument("--backbone", default="efficientnet_lite0", choices=["efficientnet_lite0", "mobilenet_v2"])
     ap.add_argument("--sources", default="photo", help="comma-separated source domains")

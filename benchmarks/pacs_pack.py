@@ -1,7 +1,7 @@
 """A small copy of PACS for machines reached through a size-limited transfer (the lent GPU machine: 64 MiB).
 
-    python benchmarks/pacs_pack.py                         # ../shared/data/pacs -> .pacs128 (38 MiB at quality 80)
-    python benchmarks/pacs.py --data .pacs128 ...          # then, there, as usual (at --image-size 128)
+    python -m benchmarks.pacs_pack                         # ../shared/data/pacs -> .pacs128 (38 MiB at quality 80)
+    python -m benchmarks.pacs --data .pacs128 ...          # then, there, as usual (at --image-size 128)
 
 Every image is resized so that its shorter side is `--size` (bicubic, as the tool's eval transform) and
 saved as JPEG under the same relative path, so the official split lists (copied verbatim) still
@@ -50,7 +50,7 @@ def pack(src: Path, dst: Path, size: int, quality: int) -> tuple[int, int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.pacs_pack", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "pacs")
     ap.add_argument("--out", type=Path, default=ROOT / ".pacs128")

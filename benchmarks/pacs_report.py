@@ -162,9 +162,12 @@ def write_report(report: dict[str, Any], stem: Path) -> Path:
 
 
 if __name__ == "__main__":  # re-render the table and plot of a JSON written before
-    import sys
+    import argparse
 
-    for name in sys.argv[1:]:
-        data = json.loads(Path(name).read_text())
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.pacs_report",
+                                 description="Re-render the table and plot of PACS reports written before.")
+    ap.add_argument("reports", nargs="+", type=Path, help="pacs_<backbone>_<source>.json files")
+    for name in ap.parse_args().reports:
+        data = json.loads(name.read_text())
         write_report({k: v for k, v in data.items() if k not in ("summary", "wise_ft_mean_curve")},
-                     Path(name).with_suffix(""))
+                     name.with_suffix(""))

@@ -1,6 +1,6 @@
 """GMixout's defaults tuned on a PACS source's crossval split only (never its test list or another domain).
 
-    python benchmarks/pacs_sweep.py --source art_painting
+    python -m benchmarks.pacs_sweep --source art_painting
 
 Each variant changes one setting of the backbone's gmixout recipe (one at a time around the defaults), at
 the benchmark's budget (--epochs, --image-size, --batch-size as in pacs.py) and the recipe's lr, for each
@@ -22,12 +22,10 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import pacs  # noqa: E402
-from bench_common import ROOT, device_name, git_head  # noqa: E402
-
-from gmixout_cli.config import config_to_dict, flatten_dict, load_config, parse_overrides  # noqa: E402
-from gmixout_cli.utils.io import write_json, write_text  # noqa: E402
+from benchmarks import pacs
+from benchmarks.bench_common import ROOT, device_name, git_head
+from gmixout_cli.config import config_to_dict, flatten_dict, load_config, parse_overrides
+from gmixout_cli.utils.io import write_json, write_text
 
 VARIANTS: dict[str, list[str]] = {
     "default": [],
@@ -120,7 +118,7 @@ def pooled_markdown(backbone: str, pooled: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.pacs_sweep", description=__doc__.split("\n\n")[0])
     ap.add_argument("--backbone", default="efficientnet_lite0", choices=["efficientnet_lite0", "mobilenet_v2"])
     ap.add_argument("--source", default="art_painting")
     ap.add_argument("--variants", default=None, help="comma-separated (default: all, targets included)")
@@ -161,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     write_json(stem.with_suffix(".json"), {
         "benchmark": "pacs_sweep", "backbone": args.backbone, "source": args.source, "selection_split": "crossval",
         "device": device_name(torch.device("cpu")), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-        "git_commit": commit, "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "git_commit": commit, "command": " ".join(["python", "-m", "benchmarks.pacs_sweep", *sys.argv[1:]]),
         "settings": settings,
         "variants": rows, "wall_time_s": time.perf_counter() - started,
     })

@@ -1,10 +1,12 @@
 """CPU memory phase by phase: where the resident set of a few training steps goes, one method per process.
 
-    python benchmarks/rss_phases.py                  # ViT-B/16 (random weights), batch 2, full and gmixout
+    python -m benchmarks.rss_phases                  # ViT-B/16 (random weights), batch 2, full and gmixout
 
 A thread samples the RSS every millisecond and keeps the peak of each phase (model build, trainer set-up,
-forward, backward, optimizer step); between steps `malloc_trim` hands freed heap pages back, so the
-"between steps" figure is what the method really holds. Explains cpu_rss.py's ratio; writes JSON.
+forward, backward, optimizer step) of the product's `Trainer.train_step`, told apart by its `on_phase`
+hook; "optimizer" spans the method's gradient hand-over, clipping, the optimizers and the method's step
+end. Between steps `malloc_trim` hands freed heap pages back, so the "between steps" figure is what the
+method really holds. Explains cpu_rss.py's ratio; writes JSON.
 """
 
 from __future__ import annotations
@@ -20,13 +22,13 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import ROOT, provenance  # noqa: E402
+from benchmarks.bench_common import ROOT, provenance
+from gmixout_cli.config import load_config
+from gmixout_cli.utils.memory import current_rss_bytes
 
-from gmixout_cli.config import load_config  # noqa: E402
-from gmixout_cli.utils.memory import current_rss_bytes  # noqa: E402
+# the trainer's phase that has just ended -> the phase sampled from then on (the others stay in "optimizer")
+NEXT_PHASE = {"forward": "backward", "backward": "optimizer"}
 
 
 class PhasePeaks:
@@ -77,25 +79,24 @@ def _steps(peaks: PhasePeaks, model: str, method: str, batch: int, steps: int, e
     trainer = make_trainer(cfg, built, torch.device("cpu"), total_steps=steps + 10)
     x, y = torch.randn(batch, 3, built.image_size, built.image_size), torch.randint(0, 1000, (batch,))
     trim = ctypes.CDLL("libc.so.6").malloc_trim
-    for step in range(steps):  # Trainer.train_step split into phases (grad clipping left out: scalars only)
+
+    def on_phase(ended: str) -> None:
+        if ended == "after_step":  # trainer.step already counts the step that just ended
+            trim(0)
+            peaks.enter(f"step{trainer.step - 1}.between")
+        elif ended in NEXT_PHASE:
+            peaks.enter(f"step{trainer.step}.{NEXT_PHASE[ended]}")
+
+    trainer.on_phase = on_phase
+    for step in range(steps):
         peaks.enter(f"step{step}.forward")
-        loss = F.cross_entropy(trainer.model(x), y)
-        peaks.enter(f"step{step}.backward")
-        loss.backward()
-        peaks.enter(f"step{step}.optimizer")
-        trainer.method.after_backward()
-        for opt in trainer.optimizers:
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        trainer.step += 1
-        trainer.method.after_step(trainer.step)
-        trim(0)
-        peaks.enter(f"step{step}.between")
+        trainer.train_step(x, y)
     return peaks.stop()
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.rss_phases", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="vit_b16_clip")
     ap.add_argument("--batch-size", type=int, default=2)
     ap.add_argument("--steps", type=int, default=4)
@@ -110,8 +111,8 @@ def main() -> None:
     result: dict = {**provenance("rss_phases", torch.device("cpu")),
                     "model": args.model, "batch_size": args.batch_size, "p": args.p}
     for method in extra:  # each in its own process, as cpu_rss.py
-        out = subprocess.run([sys.executable, __file__, "--one", method, "--model", args.model, "--batch-size",
-                              str(args.batch_size), "--steps", str(args.steps), "--p", str(args.p)],
+        out = subprocess.run([sys.executable, "-m", "benchmarks.rss_phases", "--one", method, "--model", args.model,
+                              "--batch-size", str(args.batch_size), "--steps", str(args.steps), "--p", str(args.p)],
                              capture_output=True, text=True, check=True, cwd=ROOT)
         peaks = json.loads(out.stdout.strip().splitlines()[-1])
         last = args.steps - 1  # the steady step: warm allocator, optimizer state in place

@@ -1,15 +1,13 @@
-"""The matmul-epilogue gather exploration (benchmarks/epilogue_gather.py) against its reference."""
+"""The matmul-epilogue gather exploration (benchmarks.epilogue_gather) against its reference."""
 
 from __future__ import annotations
 
 import os
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+pytestmark = pytest.mark.bench
 
 
 def _device() -> torch.device:
@@ -23,7 +21,7 @@ def _device() -> torch.device:
 
 @pytest.mark.parametrize("p", [0.9, 0.5, 0.0])
 def test_fused_wgrad_gather_equals_dense_then_gather(p: float) -> None:
-    import epilogue_gather as eg
+    from benchmarks import epilogue_gather as eg
 
     # 3 x 4 tiles with ragged edges; two accumulating calls; the kept entries come from the mask's seed
     err = eg.check(_device(), torch.float32, tokens=24, out=40, inn=56, p=p, config=(16, 16, 16, 1, 1))
@@ -31,7 +29,7 @@ def test_fused_wgrad_gather_equals_dense_then_gather(p: float) -> None:
 
 
 def test_block_starts_count_kept_entries_before_each_block() -> None:
-    import epilogue_gather as eg
+    from benchmarks import epilogue_gather as eg
 
     idx = torch.tensor([0, 3, 4, 9, 10, 11], dtype=torch.int32)  # a 3 x 4 weight, column blocks of 2
     starts = eg.block_starts(idx, rows=3, cols=4, bn=2)

@@ -1,20 +1,18 @@
-"""benchmarks/pacs.py end to end on a tiny PACS-shaped tree, and its summary arithmetic."""
+"""benchmarks.pacs end to end on a tiny PACS-shaped tree, and its summary arithmetic."""
 
 from __future__ import annotations
 
-import importlib
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import COLORS, write_domains
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-pacs = importlib.import_module("pacs")
-report = importlib.import_module("pacs_report")
+from benchmarks import pacs
+from benchmarks import pacs_report as report
+
+pytestmark = pytest.mark.bench
 
 
 def _pacs_like(root: Path) -> Path:
@@ -164,7 +162,7 @@ def test_cached_run_is_stale_when_its_recipe_changed(tmp_path: Path) -> None:
 
 
 def test_pacs_sweep_scores_variants_on_crossval(tmp_path: Path) -> None:
-    sweep = importlib.import_module("pacs_sweep")
+    from benchmarks import pacs_sweep as sweep
     data = _pacs_like(tmp_path / "pacs")
     argv = ["--source", "photo", "--variants", "targets=pointwise", "--seeds", "0", "--epochs", "1",
             "--image-size", "32", "--batch-size", "6", "--workers", "0", "--data", str(data),
@@ -187,14 +185,14 @@ def test_pacs_sweep_scores_variants_on_crossval(tmp_path: Path) -> None:
 
 
 def test_pacs_sweep_pairs_seeds_with_the_defaults() -> None:
-    sweep = importlib.import_module("pacs_sweep")
+    from benchmarks import pacs_sweep as sweep
     d = sweep.paired({"0": 0.80, "1": 0.90, "2": 0.70}, {"0": 0.75, "1": 0.80, "2": 0.75})
     assert d["mean"] == pytest.approx(0.1 / 3) and d["std"] == pytest.approx(0.0763763, rel=1e-5)
     assert sweep.paired({"3": 0.5}, {"0": 0.4}) == {"mean": None, "std": None}
 
 
 def test_pacs_sweep_pools_sources_with_the_same_settings(tmp_path: Path) -> None:
-    sweep = importlib.import_module("pacs_sweep")
+    from benchmarks import pacs_sweep as sweep
     settings = {"epochs": 2, "image_size": 128, "batch_size": 32, "lr": 1e-4, "seeds": [0, 1], "recipe": "r"}
 
     def write(source: str, default: list[float], variant: list[float], **changed: object) -> None:
@@ -215,7 +213,7 @@ def test_pacs_sweep_pools_sources_with_the_same_settings(tmp_path: Path) -> None
 
 
 def test_pacs_sweep_leaves_out_variants_that_restate_the_recipe(tmp_path: Path) -> None:
-    sweep = importlib.import_module("pacs_sweep")
+    from benchmarks import pacs_sweep as sweep
     # EfficientNet-Lite0's recipe starts from a zero head (chosen by the sweep), MobileNetV2's from a linear probe
     lite0, mnv2 = sweep.variants_for("efficientnet_lite0"), sweep.variants_for("mobilenet_v2")
     assert "head_init=linear_probe" in lite0 and "head_init=zero" not in lite0
@@ -226,7 +224,7 @@ def test_pacs_sweep_leaves_out_variants_that_restate_the_recipe(tmp_path: Path) 
 
 
 def test_pacs_sweep_rejects_unknown_variant(tmp_path: Path) -> None:
-    sweep = importlib.import_module("pacs_sweep")
+    from benchmarks import pacs_sweep as sweep
     with pytest.raises(SystemExit):
         sweep.main(["--variants", "p=0.5", "--data", str(_pacs_like(tmp_path / "pacs"))])
 
@@ -235,7 +233,7 @@ def test_pacs_pack_keeps_every_image_and_the_split_lists(tmp_path: Path) -> None
     from PIL import Image
 
     data = _pacs_like(tmp_path / "pacs")
-    pack = importlib.import_module("pacs_pack")
+    from benchmarks import pacs_pack as pack
     assert pack.main(["--data", str(data), "--out", str(tmp_path / "small"), "--size", "16"]) == 0
     small = tmp_path / "small"
     assert sorted(p.name for p in (small / "splits").iterdir()) == sorted(p.name for p in (data / "splits").iterdir())

@@ -1,24 +1,23 @@
-"""benchmarks/step_bench.py on a small open_clip ViT on CPU: every method steps, nothing fails silently.
+"""benchmarks.step_bench on a small open_clip ViT on CPU: every method steps, nothing fails silently.
 
 The GPU run records a failing config as {"error": ...} and goes on (one broken config must not cost the
 grid), so this is where a broken method would otherwise first show up: on the lent machine."""
 
 from __future__ import annotations
 
-import importlib
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+pytestmark = pytest.mark.bench
 
 
 def test_every_method_steps_and_gets_its_ratios(tmp_path: Path) -> None:
     pytest.importorskip("open_clip")
     pytest.importorskip("peft")
-    step_bench = importlib.import_module("step_bench")
+    from benchmarks import step_bench
+
     out = tmp_path / "steps.json"
     argv = ["--archs", "ViT-S-32", "--batches", "2", "--steps", "2", "--warmup", "1", "--checkpointing", "on",
             "--methods", "full,lora_r8,mixout,gmixout", "--k", "2", "--image-size", "64", "--device", "cpu",
@@ -36,7 +35,8 @@ def test_every_method_steps_and_gets_its_ratios(tmp_path: Path) -> None:
 
 
 def test_rss_phases_records_every_phase_of_every_step() -> None:
-    rss_phases = importlib.import_module("rss_phases")
+    from benchmarks import rss_phases
+
     peaks = rss_phases.measure("timm:test_vit", "gmixout", batch=2, steps=2, extra=["method.p=0.9", "method.k=10"])
     for step in (0, 1):
         assert all(f"step{step}.{p}" in peaks for p in ("forward", "backward", "optimizer", "between"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 
 import pytest
 import timm
@@ -52,7 +53,8 @@ def test_exported_file_reproduces_the_trainers_logits(tmp_path, method: str) -> 
                                for k in changed)
 
 
-def _train_state(overrides: dict, steps: int = 3) -> dict[str, torch.Tensor]:
+def _train_state(overrides: dict, steps: int = 3,
+                 on_phase: Callable[[str], None] | None = None) -> dict[str, torch.Tensor]:
     base = {"model": {"name": "timm:test_vit", "weights": "random", "head_init": "zero"},
             "train": {"lr": 1e-3, "seed": 1, "batch_size": 8}, "method": {"name": "gmixout", "p": 0.8, "k": 2}}
     for key, value in overrides.items():
@@ -61,6 +63,7 @@ def _train_state(overrides: dict, steps: int = 3) -> dict[str, torch.Tensor]:
     cfg = build_config(base)
     built = build_model(cfg.model, ["a", "b"], cfg.train.seed)
     trainer = make_trainer(cfg, built, torch.device("cpu"), total_steps=steps)
+    trainer.on_phase = on_phase
     gen = torch.Generator().manual_seed(0)
     for _ in range(steps):
         size = built.image_size
@@ -75,6 +78,15 @@ def test_micro_batches_and_checkpointing_give_the_same_training() -> None:
         state = _train_state(variant)
         for key, value in reference.items():
             torch.testing.assert_close(state[key], value, rtol=1e-4, atol=1e-5, msg=f"{variant} {key}")
+
+
+def test_phase_hook_sees_every_phase_and_changes_nothing() -> None:
+    seen: list[str] = []
+    hooked = _train_state({"train.micro_batch_size": 4}, on_phase=seen.append)
+    plain = _train_state({"train.micro_batch_size": 4})
+    assert all(torch.equal(hooked[k], v) for k, v in plain.items())
+    one_step = ["forward", "backward"] * 2 + ["after_backward", "clip", "optimizer", "after_step"]
+    assert seen == one_step * 3
 
 
 def test_out_of_memory_becomes_advice() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -29,33 +30,48 @@ class Trainer:
     grad_clip: float | None
     micro_batch_size: int | None = None
     step: int = 0
+    on_phase: Callable[[str], None] | None = None
+    """Called with each phase's name as it ends: "forward" and "backward" (once per micro-batch),
+    "after_backward", "clip", "optimizer", "after_step". The step benchmarks time and sample memory
+    through it; with None (the default) each boundary costs one call of a no-op function."""
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> float:
         """Forward, backward, the method's gradient hand-over, clip, the optimizers, the method's step end."""
+        phase = self.on_phase or _no_phase
         x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
         total = 0.0
         for xc, yc in zip(x.split(self.micro_batch_size or len(x)), y.split(self.micro_batch_size or len(y))):
             with autocast(self.device, self.precision):
                 loss = F.cross_entropy(self.model(xc), yc) * (len(yc) / len(y))  # mean over the whole batch
+            phase("forward")
             loss.backward()  # gradients accumulate (GMixout's hooks gather each micro-batch's)
             total += loss.item()
+            phase("backward")
         self.method.after_backward()
+        phase("after_backward")
         if self.grad_clip:
             params = [p for opt in self.optimizers for g in opt.param_groups for p in g["params"] if p.grad is not None]
             torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
+        phase("clip")
         for opt in self.optimizers:
             opt.step()
             opt.zero_grad(set_to_none=True)
         for sched in self.schedulers:
             sched.step()
+        phase("optimizer")
         self.step += 1
         self.method.after_step(self.step)
+        phase("after_step")
         return total
 
     @property
     def lr(self) -> float:
         """The current learning rate of the first group (the backbone's or the delta's)."""
         return self.optimizers[0].param_groups[0]["lr"]
+
+
+def _no_phase(name: str) -> None:
+    """The phase callback when nobody listens."""
 
 
 def make_trainer(cfg: Config, built: BuiltModel, device: torch.device, total_steps: int) -> Trainer:
