@@ -41,10 +41,10 @@ from rich.console import Console
 from benchmarks.bench_common import ROOT, device_name, git_head, versions
 from benchmarks.pacs_report import carry_over, write_report
 from gmixout_cli.config import config_to_dict, flatten_dict, load_config, read_yaml
-from gmixout_cli.methods.registry import unread_fields
 from gmixout_cli.data import build_transform, load_domain, load_eval_domain, make_loader
 from gmixout_cli.errors import UserError
 from gmixout_cli.merge import initial_state, interpolate, load_weights
+from gmixout_cli.methods.registry import unread_fields
 from gmixout_cli.models import load_classifier
 from gmixout_cli.training import finetune
 from gmixout_cli.utils.io import write_json, write_yaml
@@ -90,7 +90,7 @@ class EvalSets:
             tf = build_transform(size, mean, std, train=False)
             self._cache[key] = {}
             for name, items in self.items.items():
-                xs, ys = zip(*make_loader(items, tf, 256, False, self.workers, 0))
+                xs, ys = zip(*make_loader(items, tf, 256, False, self.workers, 0), strict=False)
                 self._cache[key][name] = (torch.cat(xs), torch.cat(ys))
         return self._cache[key]
 
@@ -240,14 +240,16 @@ def bench_source(args: argparse.Namespace, source: str, methods: list[str], star
             trained_on = run_dir / "device.txt"  # runs from before device.txt trained on this CPU
             records.append({"method": method, "seed": seed, "value": selection[method]["selected"],
                             "device": trained_on.read_text().strip() if trained_on.is_file() else
-                            device_name(torch.device("cpu")), **scored(sets, run_dir), "train_time_s": results["train_time_s"],
-                            "steps": results["steps"], "summary": results["method_summary"]})
+                            device_name(torch.device("cpu")), **scored(sets, run_dir),
+                            "train_time_s": results["train_time_s"], "steps": results["steps"],
+                            "summary": results["method_summary"]})
             wise_ready = not args.report_only or (run_dir / "pacs_wise.json").is_file()
             if wise_wanted and wise_ready:
                 wise.append({"seed": seed, "curve": wise_curve(sets, run_dir)})
     report = {
         "benchmark": "pacs", "backbone": args.backbone, "source": source, "ood_domains": sets.ood,
-        "device": ", ".join(sorted({r["device"] for r in records})) or device_name(DEVICE), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+        "device": ", ".join(sorted({r["device"] for r in records})) or device_name(DEVICE),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
         "git_commit": args.commit, "command": " ".join(["python", "-m", "benchmarks.pacs", *sys.argv[1:]]),
         "versions": versions(("timm", "peft", "torchvision")),
         "settings": {"epochs": args.epochs, "image_size": args.image_size, "batch_size": args.batch_size,

@@ -45,7 +45,7 @@ def wise_mean_curve(report: dict[str, Any]) -> list[dict[str, Any]]:
         return []
     return [{"alpha": pts[0]["alpha"], "test": mean_std([p["test"] for p in pts]),
              "crossval": mean_std([p["crossval"] for p in pts]), "ood_mean": mean_std([p["ood_mean"] for p in pts])}
-            for pts in zip(*curves)]
+            for pts in zip(*curves, strict=False)]
 
 
 BUDGET_KEYS = ("epochs", "image_size", "batch_size", "seeds", "extra_overrides")

@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
             run_args = argparse.Namespace(**vars(args), set=table[variant])
             run_dir = pacs.train_run(run_args, args.source, "gmixout", args.lr, seed)
             scores.append(json.loads((run_dir / "results.json").read_text())["id"][args.source])
-        crossval = dict(zip(map(str, seeds), scores))
+        crossval = dict(zip(map(str, seeds), scores, strict=False))
         rows[variant] = {"overrides": table[variant], "crossval": crossval, "mean": statistics.fmean(scores),
                          "vs_default": paired(crossval, rows["default"]["crossval"] if rows else crossval)}
         print(f"  {variant}: crossval {rows[variant]['mean']:.4f}", flush=True)

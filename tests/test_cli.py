@@ -171,8 +171,8 @@ def test_error_paths_exit_2_with_one_line(domains: Path, tmp_path: Path, run_dir
     _one_line_error(gmixout("finetune", "--data", str(domains / "src"), *TINY, "--out", str(tmp_path / "r3")),
                     "000.png")
     other = tmp_path / "other.safetensors"
-    from safetensors.torch import save_file
     import torch
+    from safetensors.torch import save_file
     save_file({"w": torch.zeros(2)}, str(other), metadata={"format": "gmixout/1", "library": "timm",
                                                           "arch": "test_vit", "class_names": "[]"})
     _one_line_error(gmixout("merge", str(run_dir), "--base", str(other), "--out", str(tmp_path / "m.safetensors")),

@@ -17,6 +17,7 @@ from gmixout_cli.data import (
     DomainData,
     ImageListDataset,
     build_transform,
+    builtin,
     load_domain,
     load_eval_domain,
     make_loader,
@@ -24,7 +25,6 @@ from gmixout_cli.data import (
     sibling_domains,
     to_rgb,
 )
-from gmixout_cli.data import builtin
 from gmixout_cli.errors import UserError
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)

@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from gmixout_cli.config import build_config, merge_dicts, parse_overrides
-from gmixout_cli.methods import GMixout, make_method
 from gmixout_cli.kernels import mask_seed, sample_indices
+from gmixout_cli.methods import GMixout, make_method
 
 
 class Tiny(nn.Module):
@@ -140,7 +140,7 @@ def test_gradient_accumulation_equals_one_big_batch() -> None:
         torch.manual_seed(0)
         model = Tiny()
         method = make_method(build_config({"method": {"name": "gmixout", "k": 2}}), model, ["fc1.weight"], "head", 4)
-        for xc, yc in zip(x.chunk(chunks), y.chunk(chunks)):
+        for xc, yc in zip(x.chunk(chunks), y.chunk(chunks), strict=False):
             (F.cross_entropy(model(xc), yc, reduction="sum") / 16).backward()
         grads.append(method.optimizers()[0].param_groups[0]["params"][0].grad.clone())
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-7)

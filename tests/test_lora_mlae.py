@@ -193,7 +193,8 @@ def test_mlae_mask_shared_by_batch_and_scaled() -> None:
     method.set_train_mode(model)
     for _ in range(12):
         attn_mask_reads = []
-        handle = model.attn.register_forward_pre_hook(lambda m, a: attn_mask_reads.append(pm_attn.mask().clone()))
+        handle = model.attn.register_forward_pre_hook(
+            lambda m, a, reads=attn_mask_reads: reads.append(pm_attn.mask().clone()))
         model(x)
         handle.remove()
         mask = pm.mask()

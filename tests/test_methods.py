@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
+import pytest
 import timm
 import torch
-
-import pytest
 
 from gmixout_cli.config import build_config
 from gmixout_cli.models import build_model

@@ -25,8 +25,9 @@ from gmixout_cli.models import (
     load_classifier,
     resolve_targets,
     save_classifier,
+    timm_models,
+    torchvision_models,
 )
-from gmixout_cli.models import timm_models, torchvision_models
 from gmixout_cli.models.clip import effective_config
 
 TINY_ARCH = "gmixout-test-tiny-clip"

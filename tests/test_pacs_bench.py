@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import COLORS, write_domains
 
 from benchmarks import pacs
 from benchmarks import pacs_report as report
+from conftest import COLORS, write_domains
 
 pytestmark = pytest.mark.bench
 
@@ -94,8 +94,8 @@ def test_pacs_benchmark_end_to_end(tmp_path: Path) -> None:
 
 def test_summary_mean_std_and_wise_selection() -> None:
     def run(method: str, seed: int, test: float, ood: tuple[float, float]) -> dict:
-        return {"method": method, "seed": seed, "test": test, "crossval": test, "ood": dict(zip("ab", ood)),
-                "ood_mean": sum(ood) / 2}
+        return {"method": method, "seed": seed, "test": test, "crossval": test,
+                "ood": dict(zip("ab", ood, strict=True)), "ood_mean": sum(ood) / 2}
 
     curve = [{"alpha": a, "test": 0.9, "crossval": c, "ood": {"a": 0.5, "b": 0.5}, "ood_mean": 0.5 + a / 10}
              for a, c in ((0.0, 0.7), (0.5, 0.8), (1.0, 0.8))]
@@ -150,7 +150,8 @@ def test_cached_run_is_stale_when_its_recipe_changed(tmp_path: Path) -> None:
     del old["method"]["norm_stats"]  # a field the schema gained after the run: its default is the old behaviour
     write_yaml(saved, old)
     assert pacs.stale_keys(saved, now) == ["train.lr", "method.episodes"]  # machine keys do not count
-    write_yaml(saved, {**old, "train": now["train"], "method": {**old["method"], "episodes": now["method"]["episodes"]}})
+    same_episodes = {**old["method"], "episodes": now["method"]["episodes"]}
+    write_yaml(saved, {**old, "train": now["train"], "method": same_episodes})
     assert pacs.stale_keys(saved, now) == []
     # A LoRA run does not read GMixout's episodes: a new GMixout default in the shared recipe keeps it valid.
     lora_now = config_to_dict(load_config("gmixout_efficientnet_lite0", ["data.root=/here/photo", "method.name=lora"]))
@@ -196,7 +197,8 @@ def test_pacs_sweep_pools_sources_with_the_same_settings(tmp_path: Path) -> None
     settings = {"epochs": 2, "image_size": 128, "batch_size": 32, "lr": 1e-4, "seeds": [0, 1], "recipe": "r"}
 
     def write(source: str, default: list[float], variant: list[float], **changed: object) -> None:
-        rows = {"default": {"crossval": dict(zip("01", default))}, "episodes=5": {"crossval": dict(zip("01", variant))}}
+        rows = {"default": {"crossval": dict(zip("01", default, strict=True))},
+                "episodes=5": {"crossval": dict(zip("01", variant, strict=True))}}
         (tmp_path / f"pacs_sweep_efficientnet_lite0_{source}.json").write_text(json.dumps(
             {"benchmark": "pacs_sweep", "source": source, "settings": {**settings, **changed}, "variants": rows}))
 

@@ -26,8 +26,8 @@ OOD_BAND = (0.30, 0.47)  # measured 0.323-0.444
                     reason="the quickstart extras are not installed (pip install -e '.[quickstart]')")
 def test_quickstart_lands_in_the_stated_band(tmp_path: Path) -> None:
     run = tmp_path / "quickstart"
-    done = subprocess.run([sys.executable, "-m", "gmixout_cli", "finetune", "--recipe", "quickstart", "--out", str(run)],
-                          capture_output=True, text=True, timeout=900, env=dict(os.environ, COLUMNS="200"))
+    command = [sys.executable, "-m", "gmixout_cli", "finetune", "--recipe", "quickstart", "--out", str(run)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=900, env=dict(os.environ, COLUMNS="200"))
     assert done.returncode == 0, done.stderr[-2000:]
     results = json.loads((run / "results.json").read_text())
     in_domain, out_of_domain = results["id"]["mnist"], results["ood"]["optdigits"]

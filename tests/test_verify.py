@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 from rich.console import Console
 
+from conftest import write_domains
 from gmixout_cli.data import (
     DomainData,
     ImageReadError,
@@ -24,8 +25,6 @@ from gmixout_cli.data import (
     verify_images,
 )
 from gmixout_cli.errors import UserError
-
-from conftest import write_domains
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from gmixout_cli.cli.common import console, err_console, split_csv, scores_table
+from gmixout_cli.cli.common import console, err_console, scores_table, split_csv
 from gmixout_cli.errors import UserError
 
 

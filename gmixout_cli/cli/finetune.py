@@ -7,7 +7,7 @@ import yaml
 from rich.syntax import Syntax
 from rich.table import Table
 
-from gmixout_cli.cli.common import OVERRIDES_HELP, RECIPE_HELP, console, split_csv, scores_table
+from gmixout_cli.cli.common import OVERRIDES_HELP, RECIPE_HELP, console, scores_table, split_csv
 
 
 def register(app: typer.Typer) -> None:

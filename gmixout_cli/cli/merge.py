@@ -63,7 +63,7 @@ def merge(
     paths = [_weights(s) for s in (sources or [str(latest_run())])]
     loaded = [load_weights(w) for w, _ in paths]
     (first, run_dir), (tuned, meta) = paths[0], loaded[0]
-    for (w, _), (state, m) in zip(paths[1:], loaded[1:]):
+    for (w, _), (state, m) in zip(paths[1:], loaded[1:], strict=True):
         check_compatible(tuned, meta, state, m, str(first), str(w))
     if method in ("uniform", "greedy") and len(paths) < 2:
         raise UserError(f"a {method} soup needs at least two runs: give several run folders or files")
@@ -101,8 +101,7 @@ def merge(
             merged, chosen_runs = uniform_soup(states), list(range(len(states)))
         else:
             score = val_scorer(first, meta)
-            scores = [score(s) for s in states]
-            merged, chosen_runs = greedy_soup(states, scores, score)
+            merged, chosen_runs = greedy_soup(states, [score(s) for s in states], score)
         name = f"{method}_soup.safetensors"
         info = {"kind": f"{method}-soup", "ingredients": [str(paths[i][0]) for i in chosen_runs]}
     target = Path(out).expanduser() if out else first.parent / name

@@ -7,7 +7,7 @@ import difflib
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal, Union, get_args, get_origin
+from typing import Any, Literal, Union, cast, get_args, get_origin
 
 import yaml
 
@@ -124,7 +124,7 @@ def _build(cls: type, raw: Any, prefix: str, problems: list[str]) -> Any:
         if cls is Config and key == "method":
             kwargs[key] = _build_method(value, problems)
         elif dataclasses.is_dataclass(hint_type):
-            kwargs[key] = _build(hint_type, value, f"{name}.", problems)
+            kwargs[key] = _build(cast(type, hint_type), value, f"{name}.", problems)
         else:
             ok, converted, expected = _coerce(value, hint_type)
             if ok:
@@ -236,9 +236,9 @@ def _check_values(cfg: Config) -> list[str]:
         p.append(f"'train.checkpoint_every' must be >= 1 or null, got {t.checkpoint_every}")
     if t.max_steps is not None and t.max_steps < 1:
         p.append(f"'train.max_steps' must be >= 1 or null, got {t.max_steps}")
-    for name, value in (("train.lr", t.lr), ("train.head_lr", t.head_lr)):
-        if value is not None and not 0.0 <= value < 1.0:
-            p.append(f"'{name}' must be in [0, 1), got {value}")
+    for name, rate in (("train.lr", t.lr), ("train.head_lr", t.head_lr)):
+        if rate is not None and not 0.0 <= rate < 1.0:
+            p.append(f"'{name}' must be in [0, 1), got {rate}")
     if t.weight_decay < 0:
         p.append(f"'train.weight_decay' must be >= 0, got {t.weight_decay}")
     if t.warmup_steps < 0:

@@ -53,8 +53,9 @@ def load_config(recipe: str | None, overrides: list[str], shortcuts: dict[str, A
             section, _, field = key.partition(".")
             raw = merge_dicts(raw, {section: {field: value}})
     update = parse_overrides(overrides)
-    given = update.get("method") if isinstance(update.get("method"), dict) else {}
-    recipe_method = raw.get("method") if isinstance(raw.get("method"), dict) else None
+    update_section, recipe_section = update.get("method"), raw.get("method")
+    given: dict[str, Any] = update_section if isinstance(update_section, dict) else {}
+    recipe_method: dict[str, Any] | None = recipe_section if isinstance(recipe_section, dict) else None
     name = given.get("name", (recipe_method or {}).get("name", MethodConfig.name))
     if name not in method_names():
         return build_config(merge_dicts(raw, update))  # reports the unknown name with the choices

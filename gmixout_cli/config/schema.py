@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+HeadInit = Literal["auto", "zeroshot", "linear_probe", "zero"]
+
 
 @dataclass
 class ModelConfig:
@@ -14,7 +16,7 @@ class ModelConfig:
     """Registry name (`gmixout models`), `timm:<name>` or `open_clip:<arch>:<tag>`."""
     weights: str = "pretrained"
     """`pretrained`, `random` (only on explicit request), or a path to a local weight file."""
-    head_init: Literal["auto", "zeroshot", "linear_probe", "zero"] = "auto"
+    head_init: HeadInit = "auto"
     """`auto`: zero-shot text head for CLIP, linear probe for ImageNet backbones."""
     targets: list[str] | None = None
     """Glob patterns on parameter names that GMixout masks; null = the model family's default."""

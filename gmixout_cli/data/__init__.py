@@ -1,8 +1,8 @@
 """Image data: ImageFolder domains, their splits, transforms, loaders and the built-in digits."""
 
 from gmixout_cli.data.builtin import BUILTIN_ROOTS, materialise_digits, resolve_root
-from gmixout_cli.data.epochs import EpochBatches, make_train_loader
 from gmixout_cli.data.dataset import ImageListDataset, ImageReadError, make_loader, read_image
+from gmixout_cli.data.epochs import EpochBatches, make_train_loader
 from gmixout_cli.data.folders import (
     IMAGE_EXTENSIONS,
     DomainData,

@@ -71,7 +71,7 @@ def _write_domains(folder: Path) -> dict[str, int]:
     for domain, (images, labels) in _load_digit_arrays().items():
         for digit in range(10):
             (folder / domain / str(digit)).mkdir(parents=True)
-        for i, (image, label) in enumerate(zip(images, labels)):
+        for i, (image, label) in enumerate(zip(images, labels, strict=True)):
             # A 2-D uint8 array becomes a mode "L" (8-bit grey) PNG.
             Image.fromarray(image).save(folder / domain / str(int(label)) / f"{i:05d}.png")
         counts[domain] = len(images)

@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, Dataset
 from gmixout_cli.data.folders import Item
 from gmixout_cli.data.transforms import to_rgb
 from gmixout_cli.errors import UserError
+from gmixout_cli.utils.locks import close_inherited_locks
 from gmixout_cli.utils.signals import worker_stop_signals
 
 
@@ -78,6 +79,7 @@ def init_worker(worker_id: int) -> None:
     seed numpy and `random` from the worker's torch seed (itself derived from the loader's generator), so
     any augmentation that uses them is reproducible too."""
     worker_stop_signals()
+    close_inherited_locks()  # the run folder's lock ends with the main process
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
     random.seed(seed)

@@ -18,7 +18,7 @@ from gmixout_cli.data.folders import Item
 class SeededSamples(Dataset):
     """`dataset[(index, seed)]`: the base sample with torch's RNG seeded for its augmentation."""
 
-    def __init__(self, base: Dataset) -> None:
+    def __init__(self, base: ImageListDataset) -> None:
         self.base = base
 
     def __len__(self) -> int:

@@ -79,7 +79,7 @@ def _resolve(
     items: list[Item], reasons: list[str | None], mode: str, what: str
 ) -> tuple[list[Item], list[tuple[Path, str]]]:
     """Apply `mode` to per-item decode results (see `verify_images`)."""
-    bad = [(path, reason) for (path, _), reason in zip(items, reasons) if reason is not None]
+    bad = [(path, reason) for (path, _), reason in zip(items, reasons, strict=True) if reason is not None]
     if not bad:
         return list(items), []
     first_path, first_reason = bad[0]
@@ -91,7 +91,7 @@ def _resolve(
             f"remove or replace {'it' if one else 'them'}, or set data.unreadable=skip to leave "
             f"{'it' if one else 'them'} out"
         )
-    good = [item for item, reason in zip(items, reasons) if reason is None]
+    good = [item for item, reason in zip(items, reasons, strict=True) if reason is None]
     warnings.warn(
         f"skipped {_plural(len(bad), 'unreadable image')} in {what} (e.g. {example})", UserWarning, stacklevel=3
     )
@@ -143,8 +143,8 @@ def verify_domain_data(data: DomainData, mode: str, workers: int) -> tuple[Domai
     if not bad:
         return data, 0
     n_train = len(data.train)
-    train = [item for item, reason in zip(items[:n_train], reasons[:n_train]) if reason is None]
-    val = [item for item, reason in zip(items[n_train:], reasons[n_train:]) if reason is None]
+    train = [item for item, reason in zip(items[:n_train], reasons[:n_train], strict=True) if reason is None]
+    val = [item for item, reason in zip(items[n_train:], reasons[n_train:], strict=True) if reason is None]
     skipped = f"after skipping {_plural(len(bad), 'unreadable image')} (e.g. {bad[0][0]}: {bad[0][1]})"
     fix = "remove or replace the unreadable files"
     for split, kept, original in (("training", train, data.train), ("held-out", val, data.val)):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
@@ -19,7 +19,7 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
 
 
 @torch.no_grad()
-def top1(model: nn.Module, loader: Iterator, device: torch.device, precision: str = "fp32") -> float:
+def top1(model: nn.Module, loader: Iterable, device: torch.device, precision: str = "fp32") -> float:
     """Fraction of correctly classified images."""
     model.eval()
     correct = total = 0

@@ -15,7 +15,10 @@ def uniform_soup(states: list[State]) -> State:
     out = {}
     for name, first in states[0].items():
         if first.is_floating_point():
-            out[name] = (sum(s[name].double() for s in states) / len(states)).to(first.dtype)
+            total = first.double()
+            for s in states[1:]:  # in order, as the sum of the states
+                total = total + s[name].double()
+            out[name] = (total / len(states)).to(first.dtype)
         else:
             out[name] = first.clone()
     return out

@@ -120,8 +120,8 @@ class GMixout(Method):
             vals = torch.zeros(idx.numel(), dtype=torch.float32, device=param.device)
             groups.append({"params": [vals], "indices": idx, "weight": param.data, "scale": self.s, "name": name})
         self.sparse = SparseAdamW(groups, lr=lr, weight_decay=weight_decay) if groups else None
-        self.targets = [_Target(name, i, param, self.sparse.param_groups[i])
-                        for i, (name, param) in enumerate(target_params)]
+        self.targets = [_Target(name, i, param, group) for i, ((name, param), group)
+                        in enumerate(zip(target_params, self.sparse.param_groups if self.sparse else [], strict=True))]
         for t in self.targets:
             t.hook = t.weight.register_post_accumulate_grad_hook(self._gather_hook(t))
 
@@ -131,10 +131,17 @@ class GMixout(Method):
             if vals.grad is None:
                 vals.grad = torch.zeros_like(vals)
             # d loss / d delta = s * dW at the kept entries; accumulates across micro-batches
+            assert param.grad is not None  # a post-accumulate hook runs once the gradient exists
             gather_add_(param.grad.view(-1), t.group["indices"], vals.grad, self.s)
             param.grad = None  # the dense gradient of this target is freed before the next layer's exists
 
         return hook
+
+    @property
+    def _sparse(self) -> SparseAdamW:
+        """The sparse optimizer; it exists whenever there is a target to step."""
+        assert self.sparse is not None
+        return self.sparse
 
     def _sample(self, weight: torch.Tensor, index: int) -> torch.Tensor:
         seed = mask_seed(self.seed, self.episode, index)
@@ -151,7 +158,7 @@ class GMixout(Method):
             self._fold_in()
             self.episode += 1
             for t in self.targets:
-                self.sparse.replace_values(t.group, self._sample(t.weight, t.index), self.cfg.reset_moments)
+                self._sparse.replace_values(t.group, self._sample(t.weight, t.index), self.cfg.reset_moments)
 
     @torch.no_grad()
     def finish(self) -> None:
@@ -187,7 +194,7 @@ class GMixout(Method):
         for t in self.targets:
             indices, vals = tensors[f"{t.name}.indices"], tensors[f"{t.name}.values"]
             _check_sparse_state(t.name, indices, vals, t.weight)
-            self.sparse.state.pop(t.group["params"][0], None)
+            self._sparse.state.pop(t.group["params"][0], None)
             t.group["indices"] = indices.to(t.weight.device)
             t.group["params"] = [vals.to(t.weight.device)]
 

@@ -33,7 +33,13 @@ from torch import nn
 from gmixout_cli.config.schema import Config, MethodConfig
 from gmixout_cli.errors import UserError
 from gmixout_cli.methods.base import (
-    Method, adamw, check_range, drop_grouped_convs, head_param_names, is_bias_or_norm, param_orders,
+    Method,
+    adamw,
+    check_range,
+    drop_grouped_convs,
+    head_param_names,
+    is_bias_or_norm,
+    param_orders,
     restore_param_orders,
 )
 from gmixout_cli.methods.registry import register_method
@@ -117,7 +123,7 @@ class PeftLoRA(Method):
         if self.default_targets:  # the model's default set (every conv): leave out what peft cannot merge, and say so
             targets, self.skipped_grouped = drop_grouped_convs(model, targets)
         owners = resolve_owners(model, targets, self.name)
-        for module_name, parts in owners.items():
+        for module_name in owners:
             module = model.get_submodule(module_name)
             if isinstance(module, nn.MultiheadAttention):
                 if use_dora:
@@ -135,8 +141,9 @@ class PeftLoRA(Method):
         self.targets = list(targets)
         self._orders = param_orders(model)
         self._head_names = sorted(head)
-        config = PeftLoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=sorted(owners),
-                            use_dora=use_dora, bias="none")
+        # peft types lora_alpha as int but only divides it by r: a float alpha (2r by default) is exact
+        config = PeftLoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout,  # type: ignore[arg-type]
+                                target_modules=sorted(owners), use_dora=use_dora, bias="none")
         try:
             inject_adapter_in_model(config, model, adapter_name=ADAPTER_NAME)
         except ValueError as exc:  # peft's own refusal (e.g. rank vs groups)
@@ -191,7 +198,7 @@ class PeftLoRA(Method):
             tuner_names = [n for n, m in self.model.named_modules() if isinstance(m, BaseTunerLayer)]
             outer = [n for n in tuner_names if not any(n.startswith(o + ".") for o in tuner_names if o != n)]
             for name in outer:
-                layer = self.model.get_submodule(name)
+                layer: Any = self.model.get_submodule(name)  # a peft tuner layer
                 if hasattr(layer, "unload_and_optionally_merge_module"):  # peft's path for MultiheadAttention
                     base = layer.unload_and_optionally_merge_module(merge=True, safe_merge=False, adapter_names=None)
                 else:

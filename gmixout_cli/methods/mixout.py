@@ -33,7 +33,13 @@ from torch.nn.utils import parametrize
 
 from gmixout_cli.config.schema import Config, MethodConfig
 from gmixout_cli.methods.base import (
-    Method, adamw, check_range, head_param_names, is_bias_or_norm, param_orders, restore_param_orders,
+    Method,
+    adamw,
+    check_range,
+    head_param_names,
+    is_bias_or_norm,
+    param_orders,
+    restore_param_orders,
 )
 from gmixout_cli.methods.registry import register_method
 
@@ -66,6 +72,8 @@ class _Shared:
 
 class MixoutParametrization(nn.Module):
     """The parametrization θ -> W of one target weight; the identity in eval mode."""
+
+    u: torch.Tensor  # the frozen pretrained value (a buffer)
 
     def __init__(self, pretrained: torch.Tensor, p: float, seed: int, index: int, shared: _Shared) -> None:
         super().__init__()

@@ -32,11 +32,18 @@ from typing import Any
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
+from torch.utils.hooks import RemovableHandle
 
 from gmixout_cli.config.schema import Config, MethodConfig
 from gmixout_cli.errors import UserError
 from gmixout_cli.methods.base import (
-    Method, adamw, check_range, drop_grouped_convs, head_param_names, param_orders, restore_param_orders,
+    Method,
+    adamw,
+    check_range,
+    drop_grouped_convs,
+    head_param_names,
+    param_orders,
+    restore_param_orders,
 )
 from gmixout_cli.methods.registry import register_method
 
@@ -55,11 +62,11 @@ class MLAEParametrization(nn.Module):
         super().__init__()
         out_features, in_features = weight.shape[0], weight[0].numel()
         self.shape = weight.shape
-        kw = {"dtype": weight.dtype, "device": weight.device}
-        self.A = nn.Parameter(torch.empty(r, in_features, **kw))
+        dtype, device = weight.dtype, weight.device
+        self.A = nn.Parameter(torch.empty(r, in_features, dtype=dtype, device=device))
         nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))  # LoRA's (and peft's) init of lora_A
-        self.B = nn.Parameter(torch.zeros(out_features, r, **kw))
-        self.c = nn.Parameter(torch.ones(r, **kw))
+        self.B = nn.Parameter(torch.zeros(out_features, r, dtype=dtype, device=device))
+        self.c = nn.Parameter(torch.ones(r, dtype=dtype, device=device))
         self.p = p
         self.scale = scale
         self.shared = shared
@@ -163,7 +170,7 @@ class MLAE(Method):
         self._adapter_entries = sum(t.numel() for t in ab + coef)
         self._adapter_bytes = sum(t.numel() * t.element_size() for t in ab + coef)
         self._head_entries = sum(t.numel() for t in head_params)
-        self._hook = model.register_forward_pre_hook(self._next_draw)
+        self._hook: RemovableHandle | None = model.register_forward_pre_hook(self._next_draw)
 
     def _next_draw(self, module: nn.Module, args: Any) -> None:
         if module.training:
@@ -202,14 +209,14 @@ class MLAE(Method):
 
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         tensors: dict[str, torch.Tensor] = {}
-        for name, (_, _, pm) in zip(self.targets, self._params):
+        for name, (_, _, pm) in zip(self.targets, self._params, strict=True):
             for key in ("A", "B", "c"):
                 tensors[f"{name}.{key}"] = getattr(pm, key).detach().clone()
         return tensors, {"draw": self.shared.draw}
 
     def load_state_dict(self, tensors: dict[str, torch.Tensor], values: dict[str, Any]) -> None:
         with torch.no_grad():
-            for name, (_, _, pm) in zip(self.targets, self._params):
+            for name, (_, _, pm) in zip(self.targets, self._params, strict=True):
                 for key in ("A", "B", "c"):
                     getattr(pm, key).copy_(tensors[f"{name}.{key}"])
         self.shared.draw = int(values.get("draw", 0))

@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from gmixout_cli.config.schema import Config, MethodConfig, ModelConfig
+from gmixout_cli.config.schema import Config, HeadInit, MethodConfig, ModelConfig
 
 T = TypeVar("T")
 
@@ -27,7 +27,7 @@ class MethodSpec:
     method: type  # built as method(model, cfg, targets, head_prefix, total_steps)
     config: type[MethodConfig]
     presets: Mapping[str, Any] = field(default_factory=dict)  # fields this name fixes
-    head_init: str | None = None  # the head it starts from under model.head_init=auto (None: the model's own)
+    head_init: HeadInit | None = None  # the head it starts from under model.head_init=auto (None: the model's own)
     summary: str = ""
 
     def fields(self) -> list[str]:
@@ -39,7 +39,7 @@ METHODS: dict[str, MethodSpec] = {}
 
 
 def register_method(name: str, config: type[MethodConfig], presets: Mapping[str, Any] | None = None,
-                    head_init: str | None = None, summary: str = "") -> Callable[[T], T]:
+                    head_init: HeadInit | None = None, summary: str = "") -> Callable[[T], T]:
     """Class decorator: make `name` a `method.name` choice built by the decorated class."""
     def decorate(cls: T) -> T:
         if name in METHODS:

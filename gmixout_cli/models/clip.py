@@ -7,6 +7,7 @@ import json
 import logging
 from collections.abc import Iterator
 from pathlib import Path
+from typing import cast
 
 import open_clip
 import torch
@@ -122,7 +123,7 @@ def build_open_clip(arch: str, tag: str | None, cfg: ModelConfig, class_names: l
         with seeded(seed):
             clip = create_clip(config, arch)
     else:
-        clip = _load_clip_file(config, arch, weights)
+        clip = _load_clip_file(config, arch, Path(weights))
 
     preprocess = getattr(clip.visual, "preprocess_cfg", {})
     mean = tuple(preprocess.get("mean", open_clip.OPENAI_DATASET_MEAN))
@@ -151,8 +152,8 @@ def build_open_clip(arch: str, tag: str | None, cfg: ModelConfig, class_names: l
         head_prefix="head",
         head_init=head_init,
         default_targets=targets,
-        mean=mean,  # type: ignore[arg-type]
-        std=std,  # type: ignore[arg-type]
+        mean=mean,
+        std=std,
         image_size=image_size,
         normalize_features=True,
         extra_meta={"open_clip_config": json.dumps(config, sort_keys=True)},
@@ -188,7 +189,7 @@ def _zero_shot_head(clip: nn.Module, arch: str, head: nn.Linear, class_names: li
         weights = build_zero_shot_classifier(
             clip, tokenizer, names, OPENAI_IMAGENET_TEMPLATES, device=device, use_tqdm=False
         )
-        scale = clip.logit_scale.exp()
+        scale = cast(Tensor, clip.logit_scale).exp()
     except Exception as e:
         raise UserError(
             f"could not build the zero-shot head for {arch}: {short(e)}; "
@@ -204,4 +205,4 @@ def _zero_shot_head(clip: nn.Module, arch: str, head: nn.Linear, class_names: li
 def _is_mha_vit(visual: nn.Module) -> bool:
     """True for open_clip's own VisionTransformer with nn.MultiheadAttention blocks (VIT_TARGETS apply)."""
     blocks = getattr(getattr(visual, "transformer", None), "resblocks", None)
-    return bool(blocks) and all(hasattr(b, "attn") and hasattr(b.attn, "in_proj_weight") for b in blocks)
+    return bool(blocks) and all(hasattr(b, "attn") and hasattr(b.attn, "in_proj_weight") for b in blocks or [])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import cast
 
 from torch import Tensor, nn
 
@@ -185,7 +186,7 @@ def _rebuild(meta: dict[str, str], state: dict[str, Tensor]) -> nn.Module:
     if "open_clip_config" not in meta:
         raise UserError(f"gmixout model file for {arch} lacks metadata 'open_clip_config'; re-export the model")
     config = json.loads(meta["open_clip_config"])
-    visual = create_clip(config, arch).visual
+    visual = cast(nn.Module, create_clip(config, arch).visual)
     head = nn.Linear(int(config["embed_dim"]), num_classes, bias=True)
     return ClipClassifier(visual, head)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, cast
 
 import timm
 from torch import Tensor, nn
@@ -84,7 +85,8 @@ def lukemelas_to_timm(state: dict[str, Tensor], model: nn.Module) -> dict[str, T
     `_blocks.i` is the i-th block of timm's stages flattened in order; a block's own layer names
     depend on whether it is timm's DepthwiseSeparableConv (no expansion) or InvertedResidual.
     """
-    flat = [f"blocks.{s}.{b}" for s, stage in enumerate(model.blocks) for b in range(len(stage))]
+    stages: Any = model.blocks
+    flat = [f"blocks.{s}.{b}" for s, stage in enumerate(stages) for b in range(len(stage))]
     top = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
     separable = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
     inverted = {
@@ -123,7 +125,7 @@ def _load_file(model: nn.Module, path: Path, name: str) -> None:
 
 
 def _head(model: nn.Module, name: str) -> nn.Linear:
-    head = model.get_classifier()
+    head = cast(Any, model).get_classifier()  # a timm model
     if not isinstance(head, nn.Linear):
         raise UserError(
             f"timm model '{name}' has a {type(head).__name__} classifier, not a single nn.Linear; "
@@ -145,7 +147,7 @@ def _finish(model: nn.Module, name: str, cfg: ModelConfig) -> BuiltModel:
     is_vit = isinstance(blocks, (nn.Sequential, nn.ModuleList)) and len(blocks) > 0 and all(
         hasattr(getattr(b, "attn", None), "qkv") for b in blocks
     )
-    pcfg = model.pretrained_cfg
+    pcfg: dict[str, Any] = dict(getattr(model, "pretrained_cfg", {}))
     return BuiltModel(
         model=model.eval(),
         library="timm",
@@ -155,8 +157,14 @@ def _finish(model: nn.Module, name: str, cfg: ModelConfig) -> BuiltModel:
         head_prefix=head_prefix,
         head_init=cfg.head_init,  # resolved by build_model
         default_targets=list(VIT_TARGETS) if is_vit else cnn_targets(model, head_prefix),
-        mean=tuple(float(v) for v in pcfg.get("mean", (0.485, 0.456, 0.406))),  # type: ignore[arg-type]
-        std=tuple(float(v) for v in pcfg.get("std", (0.229, 0.224, 0.225))),  # type: ignore[arg-type]
+        mean=_rgb(pcfg.get("mean", (0.485, 0.456, 0.406))),
+        std=_rgb(pcfg.get("std", (0.229, 0.224, 0.225))),
         image_size=int(pcfg.get("input_size", (3, 224, 224))[-1]),
         normalize_features=False,
     )
+
+
+def _rgb(values: Any) -> tuple[float, float, float]:
+    """A per-channel triple from timm's pretrained config."""
+    r, g, b = (float(v) for v in values)
+    return r, g, b

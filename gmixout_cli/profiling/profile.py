@@ -63,7 +63,7 @@ def profile(cfg: Config, steps: int, budget_gb: float) -> dict[str, Any]:
     if baseline is not None:
         common["process_baseline_bytes"] = baseline
     try:
-        measured = _measure(trainer, x, y, steps, device, common["budget_bytes"])
+        measured = _measure(trainer, x, y, steps, device, int(budget_gb * 1024**3))
     except torch.OutOfMemoryError:  # an answer, not a failure: this setting does not fit this device
         total = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
         return dict(common, oom=True, fits=False, device_memory_bytes=total)

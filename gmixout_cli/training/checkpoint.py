@@ -142,10 +142,10 @@ def _restore(tensors: dict[str, torch.Tensor], meta: dict[str, Any], trainer: An
                 }
     if len(meta["schedule"]) != len(trainer.schedulers):
         raise ValueError("another number of learning-rate schedules")
-    for sched, last in zip(trainer.schedulers, meta["schedule"]):
+    for sched, last in zip(trainer.schedulers, meta["schedule"], strict=True):
         sched.last_epoch = int(last)
-        lrs = [base * fn(sched.last_epoch) for base, fn in zip(sched.base_lrs, sched.lr_lambdas)]
-        for group, lr in zip(sched.optimizer.param_groups, lrs):
+        lrs = [base * fn(sched.last_epoch) for base, fn in zip(sched.base_lrs, sched.lr_lambdas, strict=True)]
+        for group, lr in zip(sched.optimizer.param_groups, lrs, strict=True):
             group["lr"] = lr
         sched._last_lr = lrs
     trainer.step = int(meta["step"])

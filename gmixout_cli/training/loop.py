@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -40,7 +41,8 @@ class Trainer:
         phase = self.on_phase or _no_phase
         x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
         total = 0.0
-        for xc, yc in zip(x.split(self.micro_batch_size or len(x)), y.split(self.micro_batch_size or len(y))):
+        chunk = self.micro_batch_size or len(x)
+        for xc, yc in zip(x.split(chunk), y.split(chunk), strict=True):
             with autocast(self.device, self.precision):
                 loss = F.cross_entropy(self.model(xc), yc) * (len(yc) / len(y))  # mean over the whole batch
             phase("forward")
@@ -81,7 +83,8 @@ def make_trainer(cfg: Config, built: BuiltModel, device: torch.device, total_ste
     targets = resolve_targets(built, cfg.model.targets)
     method = make_method(cfg, built.model, targets, built.head_prefix, total_steps)
     optimizers = method.optimizers()
-    schedulers = [make_scheduler(o, total_steps, cfg.train.warmup_steps, cfg.train.schedule) for o in optimizers]
+    schedulers: list[torch.optim.lr_scheduler.LRScheduler] = [
+        make_scheduler(o, total_steps, cfg.train.warmup_steps, cfg.train.schedule) for o in optimizers]
     method.set_train_mode(built.model)
     set_norm_stats(built.model, cfg.method.norm_stats, cfg.model.name)
     return Trainer(built.model, method, optimizers, schedulers, device, cfg.train.precision, cfg.train.grad_clip,
@@ -90,7 +93,7 @@ def make_trainer(cfg: Config, built: BuiltModel, device: torch.device, total_ste
 
 def enable_grad_checkpointing(built: BuiltModel, name: str) -> None:
     """Turn on the library's own activation checkpointing (open_clip's visual tower, timm models)."""
-    module = getattr(built.model, "visual", built.model)
+    module: Any = getattr(built.model, "visual", built.model)
     if not hasattr(module, "set_grad_checkpointing"):
         raise UserError(f"{name} has no activation checkpointing: set train.grad_checkpointing=false "
                         "and lower train.micro_batch_size instead")

@@ -26,7 +26,13 @@ from torch.utils.data import DataLoader
 
 from gmixout_cli.config import Config, config_to_dict
 from gmixout_cli.data import (
-    DomainData, build_transform, load_domain, make_loader, make_train_loader, sibling_domains, verify_domain_data,
+    DomainData,
+    build_transform,
+    load_domain,
+    make_loader,
+    make_train_loader,
+    sibling_domains,
+    verify_domain_data,
 )
 from gmixout_cli.data.epochs import EpochBatches
 from gmixout_cli.errors import Interrupted, UserError
@@ -108,7 +114,7 @@ def prepare(cfg: Config, run_dir: Path, console: Console, resume: bool) -> Prepa
     train_tf = build_transform(image_size, built.mean, built.std, True, cfg.data.hflip, cfg.data.crop_scale)
     loader, sampler = make_train_loader(data.train, train_tf, t.batch_size, cfg.data.num_workers, t.seed,
                                         drop_last=len(data.train) > t.batch_size)
-    total_steps = min(t.epochs * len(sampler), t.max_steps or math.inf)
+    total_steps = min(t.epochs * len(sampler), t.max_steps or t.epochs * len(sampler))
     skipped += skipped_ood
     note = f"; [yellow]skipped {skipped} unreadable images[/]" if skipped else ""
     console.print(f"[bold]data[/] {data.domain}: {len(data.train)} train / {len(data.val)} val images, "

@@ -10,8 +10,6 @@ A run folder's state, from its files:
 from __future__ import annotations
 
 import contextlib
-import fcntl
-import os
 import shutil
 import time
 import warnings
@@ -24,6 +22,7 @@ from gmixout_cli.config import Config, build_saved_config, config_to_dict, flatt
 from gmixout_cli.errors import UserError
 from gmixout_cli.training.checkpoint import CHECKPOINT, config_hash, read_checkpoint_meta
 from gmixout_cli.utils.io import remove_stale_temporaries, write_yaml
+from gmixout_cli.utils.locks import LockHeld, exclusive_lock
 
 RUNS_ROOT = Path("runs")
 LOCK = ".gmixout.lock"
@@ -83,23 +82,12 @@ def claim(path: Path) -> Iterator[None]:
         path.mkdir(parents=True, exist_ok=True)
     except FileExistsError:
         raise UserError(f"{path} exists and is not a folder: choose another --out") from None
-    lock = path / LOCK
-    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        owner = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-        os.close(fd)
-        raise UserError(f"run folder {path} is in use by another gmixout process (pid {owner}): wait for it to "
-                        "finish, or choose another --out") from None
-    try:
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        yield
-    finally:
-        with contextlib.suppress(OSError):
-            lock.unlink()
-        os.close(fd)
+        with exclusive_lock(path / LOCK):
+            yield
+    except LockHeld as held:
+        raise UserError(f"run folder {path} is in use by another gmixout process (pid {held.owner}): wait for it "
+                        "to finish, or choose another --out") from None
 
 
 def resumable_config(run_dir: Path, recipe: str | None, overrides: list[str], shortcuts: dict[str, Any]) -> Config:

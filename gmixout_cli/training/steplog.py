@@ -48,7 +48,7 @@ class StepLogger:
     def step(self, step: int, epoch: int, loss: float, lr: float, memory_bytes: int, images: int) -> None:
         """Account one optimizer step; write a record at the end of each window and at the last step."""
         self.window_loss, self.window_n, self.images = self.window_loss + loss, self.window_n + 1, self.images + images
-        if self.progress:
+        if self.progress and self.task is not None:
             self.progress.update(self.task, completed=step, loss=f"{loss:.4f}")
         if step % self.log_every and step != self.total:
             return

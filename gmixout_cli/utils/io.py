@@ -12,7 +12,6 @@ from typing import Any
 
 import yaml
 
-
 TMP_SUFFIX = ".tmp"
 
 
