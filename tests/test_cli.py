@@ -158,6 +158,7 @@ def _one_line_error(proc: subprocess.CompletedProcess, *fragments: str) -> None:
         assert fragment in lines[0], lines[0]
 
 
+@pytest.mark.slow
 def test_error_paths_exit_2_with_one_line(domains: Path, tmp_path: Path, run_dir: Path) -> None:
     _one_line_error(gmixout("finetune", "--data", str(tmp_path / "nowhere" / "x"), "--out", str(tmp_path / "r1")),
                     "nowhere")
@@ -182,6 +183,7 @@ def test_error_paths_exit_2_with_one_line(domains: Path, tmp_path: Path, run_dir
     _one_line_error(gmixout("finetune", "--data", str(domains / "src"), "--out", str(run_dir)), "already exists")
 
 
+@pytest.mark.slow
 def test_unreadable_images_skipped_on_request_with_a_count(domains: Path, tmp_path: Path) -> None:
     (domains / "src" / "red" / "001.png").write_bytes(b"truncated")
     (domains / "tgt" / "blue" / "002.png").write_bytes(b"\x89PNG\r\n")

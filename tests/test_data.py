@@ -311,6 +311,7 @@ def test_corrupt_and_truncated_images_raise_user_error(tmp_path: Path) -> None:
     assert "Traceback" not in str(info.value)
 
 
+@pytest.mark.slow
 def test_make_loader_order_depends_only_on_seed(pacs_like: Path) -> None:
     data = load_domain(DataConfig(root=str(pacs_like / "a")))
     transform = build_transform(8, MEAN, STD, train=True)
@@ -340,6 +341,7 @@ def digits_cache(tmp_path_factory: pytest.TempPathFactory):
         yield cache
 
 
+@pytest.mark.slow
 def test_builtin_digits_materialise_once(digits_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     mnist = load_domain(DataConfig(root="builtin:digits/mnist"))
     assert mnist.root == digits_cache / "digits" and mnist.domain == "mnist"

@@ -247,6 +247,7 @@ torch.save(out, sys.argv[2])
 """
 
 
+@pytest.mark.slow
 def test_exported_files_rebuild_with_plain_library_code(exported, tmp_path: Path) -> None:
     cases = {name: (str(path), x) for name, (path, x, _) in exported.items()}
     torch.save(cases, tmp_path / "cases.pt")

@@ -30,6 +30,7 @@ def _pacs_like(root: Path) -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_pacs_benchmark_end_to_end(tmp_path: Path) -> None:
     data = _pacs_like(tmp_path / "pacs")
     argv = ["--methods", "lp,lpft,gmixout", "--seeds", "0,1", "--grid", "lpft=1e-4,1e-3", "--epochs", "1",

@@ -15,6 +15,8 @@ import pytest
 
 from conftest import write_domains
 
+pytestmark = pytest.mark.slow  # each test trains in subprocesses
+
 ARGS = ["--model", "timm:test_efficientnet", "model.weights=random", "data.image_size=32", "train.epochs=3",
         "train.batch_size=8", "data.num_workers=1", "train.log_every=1", "train.lr=1e-3", "train.checkpoint_every=1",
         "train.deterministic=true", "train.warmup_steps=2", "method.p=0.8", "method.k=3"]

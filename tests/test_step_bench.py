@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.bench
+pytestmark = [pytest.mark.bench, pytest.mark.slow]
 
 
 def test_every_method_steps_and_gets_its_ratios(tmp_path: Path) -> None:
