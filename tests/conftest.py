@@ -79,3 +79,15 @@ def build_method(name: str, model, targets: list[str], *, lr: float, head_lr: fl
         "method": {"name": name, **fields},
     })
     return make_method(cfg, model, list(targets), "head", total_steps)
+
+
+def finetune_command(*args: str) -> list[str]:
+    """`gmixout finetune ARGS` as a subprocess runs it: the real entry point, signals and exit codes included."""
+    import sys
+
+    return [sys.executable, "-m", "gmixout_cli", "finetune", *args]
+
+
+def subprocess_env() -> dict[str, str]:
+    """The environment of those subprocesses: offline, one thread each (two may share this machine), wide lines."""
+    return dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", COLUMNS="300")

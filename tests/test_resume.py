@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import json
-import os
 import random
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
+from conftest import finetune_command as _cmd
+from conftest import subprocess_env as _env
 from conftest import write_domains
 
 pytestmark = pytest.mark.slow  # each test trains in subprocesses
@@ -20,14 +20,6 @@ pytestmark = pytest.mark.slow  # each test trains in subprocesses
 ARGS = ["--model", "timm:test_efficientnet", "model.weights=random", "data.image_size=32", "train.epochs=3",
         "train.batch_size=8", "data.num_workers=1", "train.log_every=1", "train.lr=1e-3", "train.checkpoint_every=1",
         "train.deterministic=true", "train.warmup_steps=2", "method.p=0.8", "method.k=3"]
-
-
-def _cmd(*args: str) -> list[str]:
-    return [sys.executable, "-m", "gmixout_cli", "finetune", *args]
-
-
-def _env() -> dict[str, str]:
-    return dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
 
 
 @pytest.mark.parametrize("method", ["gmixout", "full"])

@@ -9,12 +9,13 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
+from conftest import finetune_command as _cmd
+from conftest import subprocess_env as _env
 from conftest import write_domains
 from gmixout_cli.training.checkpoint import CHECKPOINT, read_checkpoint_meta
 
@@ -23,14 +24,6 @@ pytestmark = pytest.mark.slow
 ARGS = ["--model", "timm:test_efficientnet", "model.weights=random", "data.image_size=32", "train.epochs=4",
         "train.batch_size=8", "data.num_workers=2", "train.log_every=1", "train.lr=1e-3", "train.checkpoint_every=1000",
         "train.deterministic=true", "train.warmup_steps=2", "method.p=0.8", "method.k=3"]
-
-
-def _cmd(*args: str) -> list[str]:
-    return [sys.executable, "-m", "gmixout_cli", "finetune", *args]
-
-
-def _env() -> dict[str, str]:
-    return dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", COLUMNS="300")
 
 
 @pytest.fixture(scope="module")

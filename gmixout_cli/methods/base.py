@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from gmixout_cli.config.schema import Config
+from gmixout_cli.config.schema import Config, MethodConfig
 from gmixout_cli.errors import UserError
 
 
@@ -61,6 +62,25 @@ class Method:
 
     def load_state_dict(self, tensors: dict[str, torch.Tensor], values: dict[str, Any]) -> None:
         """Restore `state_dict()`'s output into a freshly built method (before its optimizers are restored)."""
+
+
+@dataclass
+class RankConfig(MethodConfig):
+    """The fields of low-rank adapter methods (LoRA, DoRA, MLAE)."""
+
+    r: int = 8
+    """Rank of the adapters (MLAE: the number of rank-1 experts)."""
+    alpha: float | None = None
+    """Scale numerator (scale = alpha / r); null = the method's default (LoRA, DoRA: 2r; MLAE: r)."""
+
+    alpha_per_rank: ClassVar[float] = 1.0
+
+    @property
+    def scale_alpha(self) -> float:
+        return float(self.alpha_per_rank * self.r if self.alpha is None else self.alpha)
+
+    def problems(self) -> list[str]:
+        return [f"'method.r' must be >= 1, got {self.r}"] if self.r < 1 else []
 
 
 def check_range(problems: list[str], key: str, value: float, low: float, high: float, closed: bool = False,

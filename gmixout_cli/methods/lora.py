@@ -25,15 +25,16 @@ weights, and parameters that are not a module's weight (cls tokens, position emb
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from gmixout_cli.config.schema import Config, MethodConfig
+from gmixout_cli.config.schema import Config
 from gmixout_cli.errors import UserError
 from gmixout_cli.methods.base import (
     Method,
+    RankConfig,
     adamw,
     check_range,
     drop_grouped_convs,
@@ -76,24 +77,16 @@ def resolve_owners(model: nn.Module, targets: list[str], method: str) -> dict[st
 
 
 @dataclass
-class LoRAConfig(MethodConfig):
-    """peft LoRA / DoRA: rank, scale, input dropout."""
+class LoRAConfig(RankConfig):
+    """peft LoRA / DoRA: rank, scale (alpha = 2r by default), input dropout."""
 
-    r: int = 8
-    """Rank of the adapters."""
-    alpha: float | None = None
-    """Scale numerator (scale = alpha / r); null = 2r."""
     lora_dropout: float = 0.0
     """Dropout on the adapter input."""
 
-    @property
-    def scale_alpha(self) -> float:
-        return float(2 * self.r if self.alpha is None else self.alpha)
+    alpha_per_rank: ClassVar[float] = 2.0
 
     def problems(self) -> list[str]:
-        out: list[str] = []
-        if self.r < 1:
-            out.append(f"'method.r' must be >= 1, got {self.r}")
+        out = super().problems()
         check_range(out, "lora_dropout", self.lora_dropout, 0.0, 1.0)
         return out
 

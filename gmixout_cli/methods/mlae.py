@@ -34,10 +34,11 @@ from torch import nn
 from torch.nn.utils import parametrize
 from torch.utils.hooks import RemovableHandle
 
-from gmixout_cli.config.schema import Config, MethodConfig
+from gmixout_cli.config.schema import Config
 from gmixout_cli.errors import UserError
 from gmixout_cli.methods.base import (
     Method,
+    RankConfig,
     adamw,
     check_range,
     drop_grouped_convs,
@@ -91,25 +92,15 @@ class MLAEParametrization(nn.Module):
 
 
 @dataclass
-class MLAEConfig(MethodConfig):
-    """Masked LoRA experts: rank, scale and expert dropout."""
+class MLAEConfig(RankConfig):
+    """Masked LoRA experts: rank, scale (alpha = r by default) and expert dropout."""
 
-    r: int = 8
-    """Rank: the number of rank-1 experts per target."""
-    alpha: float | None = None
-    """Scale numerator (scale = alpha / r); null = r (scale 1)."""
     p: float = 0.5
     """Expert dropout on the coefficients during training."""
 
-    @property
-    def scale_alpha(self) -> float:
-        return float(self.r if self.alpha is None else self.alpha)
-
     def problems(self) -> list[str]:
-        out: list[str] = []
+        out = super().problems()
         check_range(out, "p", self.p, 0.0, 1.0)
-        if self.r < 1:
-            out.append(f"'method.r' must be >= 1, got {self.r}")
         return out
 
 
