@@ -2,6 +2,7 @@
 # The benchmarks' GPU work in calls that each fit the lent machine's 10-minute limit.
 # Prepare here (benchmarks/README.md, "On the lent GPU machine"): wheels in .whl*/, PACS in .pacs128/.
 #
+#   bash benchmarks/gpu_job.sh                   # = check: the first call on a lent GPU, under 8 minutes
 #   bash benchmarks/gpu_job.sh engine            # CUDA kernel tests, kernel_bench, epilogue_gather, step_bench ViT-B-16
 #   bash benchmarks/gpu_job.sh steps-l14         # step_bench ViT-L-14
 #   bash benchmarks/gpu_job.sh pacs BACKBONE SOURCES [SEEDS]   # e.g. pacs efficientnet_lite0 photo,sketch
@@ -26,7 +27,17 @@ save_runs() {  # the PACS runs' small files, for the next call or `--report-only
   find runs/pacs-bench -name '*.json' -o -name 'config.yaml' -o -name 'device.txt' | tar czf "$OUT/pacs-runs.tgz" -T -
 }
 
-case "${1:-}" in
+case "${1:-check}" in
+  check)
+    # Kernels on CUDA against their references, then one step benchmark: ViT-B/16, batch 128, bf16, full vs
+    # LoRA r=8 vs GMixout, with and without activation checkpointing (step time, peak memory, ratios).
+    # Not yet here: the memory predictor (gmixout profile --predict) and the 2-GPU check (no DDP yet).
+    TRITON_INTERPRET=0 timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py \
+      tests/test_kernel_targets.py 2>&1 | tee "$OUT/kernel_tests.log"
+    timeout 300 python3 -m benchmarks.step_bench --archs ViT-B-16 --batches 128 --methods full,lora_r8,gmixout \
+      --checkpointing both --out "$OUT/step_bench_b16_b128.json" 2>&1 | tee "$OUT/step_bench_b16_b128.log"
+    nvidia-smi -L 2>/dev/null | tee "$OUT/gpus.txt"
+    ;;
   engine)
     TRITON_INTERPRET=0 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_epilogue_gather.py \
       2>&1 | tee "$OUT/kernel_tests.log"
@@ -56,7 +67,7 @@ case "${1:-}" in
     save_runs
     ;;
   *)
-    echo "usage: bash benchmarks/gpu_job.sh engine | steps-l14 | pacs BACKBONE SOURCES [SEEDS] | sweep BACKBONE SOURCE [SEEDS]" >&2
+    echo "usage: bash benchmarks/gpu_job.sh [check] | engine | steps-l14 | pacs BACKBONE SOURCES [SEEDS] | sweep BACKBONE SOURCE [SEEDS]" >&2
     exit 2
     ;;
 esac
