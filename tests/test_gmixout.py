@@ -150,3 +150,21 @@ def test_reset_moments_off_carries_shared_entries() -> None:
     model, w0, method = _run(["method.p=0.5", "method.k=2", "method.reset_moments=false"], 6)
     state = method.optimizers()[0].state
     assert any(s["step"] > 2 for s in state.values())  # moments (and their step count) carried across episodes
+
+
+def test_filter_masks_train_whole_output_filters() -> None:
+    from gmixout_cli.kernels import keep_mask, sample_filter_indices
+
+    shape = torch.Size([64, 8, 3, 3])
+    idx = sample_filter_indices(shape, 0.75, 1234, torch.device("cpu"))
+    rows = keep_mask(64, 0.75, 1234, torch.device("cpu"))
+    dense = torch.zeros(shape.numel(), dtype=torch.bool)
+    dense[idx.long()] = True
+    dense = dense.view(64, -1)
+    assert idx.dtype == torch.int32 and bool((idx[1:] > idx[:-1]).all())  # sorted, as the kernels expect
+    assert torch.equal(dense.all(1), rows) and torch.equal(dense.any(1), rows)  # whole filters or nothing
+    assert torch.equal(idx, sample_filter_indices(shape, 0.75, 1234, torch.device("cpu")))  # seeded
+
+    model, w0, method = _run(["method.p=0.5", "method.episodes=1", "method.mask=filter"], 5)
+    changed = model.fc1.weight != w0["fc1.weight"]
+    assert changed.any() and torch.equal(changed.any(1), changed.all(1))  # each row trained whole, or not at all

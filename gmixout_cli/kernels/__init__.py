@@ -1,10 +1,10 @@
 """Triton kernels of the sparse engine, each beside the PyTorch reference that documents it."""
 
-from gmixout_cli.kernels.masks import keep_mask, mask_seed, philox_reference, sample_indices
+from gmixout_cli.kernels.masks import keep_mask, mask_seed, philox_reference, sample_filter_indices, sample_indices
 from gmixout_cli.kernels.sparse_adamw import sparse_adamw_, sparse_adamw_reference
 from gmixout_cli.kernels.sparse_ops import fold_in_, fold_in_reference, gather_add_, gather_add_reference
 
 __all__ = [
     "fold_in_", "fold_in_reference", "gather_add_", "gather_add_reference", "keep_mask", "mask_seed",
-    "philox_reference", "sample_indices", "sparse_adamw_", "sparse_adamw_reference",
+    "philox_reference", "sample_filter_indices", "sample_indices", "sparse_adamw_", "sparse_adamw_reference",
 ]

@@ -6,6 +6,8 @@ rounds). The same seed gives the same mask on any GPU, rank or restart, and on t
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from gmixout_cli.kernels._dispatch import grid, use_triton
@@ -87,6 +89,15 @@ def keep_mask(numel: int, p: float, seed: int, device: torch.device) -> torch.Te
     if use_triton(probe):
         return _keep_mask_triton(numel, p, seed, device)
     return keep_mask_reference(numel, p, seed, device)
+
+
+def sample_filter_indices(shape: torch.Size, p: float, seed: int, device: torch.device) -> torch.Tensor:
+    """Sorted int32 flat indices of whole output filters (rows along dim 0), each kept with probability 1-p:
+    the structured mask of HR-Mixout for convolutions (a kept filter trains all its input weights)."""
+    rows = shape[0]
+    per_row = math.prod(shape[1:])
+    kept = torch.nonzero(keep_mask(rows, p, seed, device)).flatten()
+    return (kept[:, None] * per_row + torch.arange(per_row, device=device)).flatten().to(torch.int32)
 
 
 def sample_indices(numel: int, p: float, seed: int, device: torch.device, exact: bool = False) -> torch.Tensor:

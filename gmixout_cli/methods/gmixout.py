@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from gmixout_cli.config.schema import Config, MethodConfig
-from gmixout_cli.kernels import fold_in_, gather_add_, mask_seed, sample_indices
+from gmixout_cli.kernels import fold_in_, gather_add_, mask_seed, sample_filter_indices, sample_indices
 from gmixout_cli.methods.base import Method, adamw, check_range, head_param_names, is_bias_or_norm
 from gmixout_cli.methods.registry import register_method
 from gmixout_cli.methods.sparse_optim import SparseAdamW
@@ -45,8 +45,9 @@ class GMixoutConfig(MethodConfig):
     """Use s = 1/(1-p) in the anchor fold-in."""
     reset_moments: bool = True
     """Reset the AdamW moments of the delta at each episode."""
-    mask: Literal["bernoulli", "exact"] = "bernoulli"
-    """Bernoulli masks, or exactly round((1-p)*numel) kept entries per tensor."""
+    mask: Literal["bernoulli", "exact", "filter"] = "bernoulli"
+    """Bernoulli masks per entry, exactly round((1-p)*numel) kept entries per tensor, or whole output filters
+    (rows along dim 0: conv filters, linear output units) kept with probability 1-p."""
     train_bias_norm: bool = False
     """Also train biases and normalisation parameters densely (frozen by default)."""
 
@@ -145,6 +146,8 @@ class GMixout(Method):
 
     def _sample(self, weight: torch.Tensor, index: int) -> torch.Tensor:
         seed = mask_seed(self.seed, self.episode, index)
+        if self.cfg.mask == "filter":
+            return sample_filter_indices(weight.shape, self.cfg.p, seed, weight.device)
         return sample_indices(weight.numel(), self.cfg.p, seed, weight.device, self.cfg.mask == "exact")
 
     # -- the Method interface -------------------------------------------------------------

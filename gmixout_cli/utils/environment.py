@@ -23,6 +23,8 @@ def library_versions(packages: tuple[str, ...] = PACKAGES) -> dict[str, str | No
             out[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             out[name] = None
+    if "torch" in out:
+        out["torch"] = torch.__version__  # with its build tag (+cu130, +cpu): which CUDA it runs on
     return out
 
 
