@@ -237,6 +237,14 @@ def test_stop_before_training_leaves_nothing_behind(tmp_path: Path, cli, monkeyp
     assert code == 129 and "stopped by SIGHUP before training started" in _one_line(err)
     assert not run.exists()
 
+    given = tmp_path / "given"  # an empty folder the user made: it stays, empty, and the same command works again
+    given.mkdir()
+    code, _, err = cli("finetune", "--out", str(given), "--data", str(data), *TINY_ARGS, "model.head_init=zero")
+    assert code == 129 and given.is_dir() and not list(given.iterdir())
+    monkeypatch.setattr(pipeline, "verify_domain_data", real)
+    code, _, err = cli("finetune", "--out", str(given), "--data", str(data), *TINY_ARGS, "model.head_init=zero")
+    assert code == 0, err
+
 
 def test_stop_during_evaluation_keeps_the_model_and_resume_evaluates(tmp_path: Path, cli, monkeypatch) -> None:
     import gmixout_cli.training.pipeline as pipeline

@@ -26,8 +26,9 @@ from gmixout_cli.utils.locks import LockHeld, exclusive_lock
 
 RUNS_ROOT = Path("runs")
 LOCK = ".gmixout.lock"
-# what a run writes before its first checkpoint; a restart in the same folder writes them again
-STARTED_FILES = ("config.yaml", "init_head.safetensors", "metrics.jsonl")
+# what a run writes before training, and before its first checkpoint; the same command writes them again
+SET_UP_FILES = ("config.yaml", "init_head.safetensors")
+STARTED_FILES = (*SET_UP_FILES, "metrics.jsonl")
 
 
 @dataclass
@@ -50,7 +51,7 @@ def open_run(resume: str | None, out: str | None, recipe: str | None, overrides:
         path = Path(out).expanduser() if out else _new_run_path(load_config(recipe, overrides, shortcuts))
     else:
         path = _latest_unfinished() if resume == "auto" else _as_run_dir(Path(resume).expanduser())
-    created = not path.exists()
+    created, fresh = not path.exists(), not _entries(path)
     try:
         with claim(path):
             remove_stale_temporaries(path)  # left by a process killed mid-write; never a complete file
@@ -70,8 +71,12 @@ def open_run(resume: str | None, out: str | None, recipe: str | None, overrides:
             write_yaml(path / "config.yaml", config_to_dict(cfg))
             yield RunFolder(path, cfg, False)
     except BaseException:
-        if created and path.is_dir() and set(_entries(path)) <= {"config.yaml"}:
-            shutil.rmtree(path)  # nothing but our own config was written: leave no empty run behind
+        if fresh and path.is_dir() and set(_entries(path)) <= set(SET_UP_FILES):
+            # stopped before training: what set-up wrote is rewritten by the same command, so it goes
+            for name in SET_UP_FILES:
+                (path / name).unlink(missing_ok=True)
+            if created:
+                shutil.rmtree(path, ignore_errors=True)
         raise
 
 
