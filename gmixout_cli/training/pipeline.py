@@ -15,7 +15,7 @@ import errno
 import json
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -250,7 +250,7 @@ def last_checkpoint_note(run_dir: Path) -> str:
     return f"the checkpoint of step {step} is kept: resume with `gmixout finetune --resume {run_dir}`"
 
 
-def _write_or_explain(write: Any, path: Path, kept: str) -> None:
+def _write_or_explain(write: Callable[[], object], path: Path, kept: str) -> None:
     """Run a write; a full or read-only disk becomes one line saying what is kept."""
     try:
         write()
