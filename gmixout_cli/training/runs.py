@@ -47,8 +47,9 @@ def open_run(resume: str | None, out: str | None, recipe: str | None, overrides:
     `resume="auto"` with `out`: continue `out` if it holds a checkpoint, start fresh there if it holds no run
     yet, refuse a finished run. `resume="auto"` alone: the latest unfinished run under runs/. Else: that folder.
     """
+    new_cfg = load_config(recipe, overrides, shortcuts) if resume is None else None  # errors before any folder
     if resume is None or (resume == "auto" and out):
-        path = Path(out).expanduser() if out else _new_run_path(load_config(recipe, overrides, shortcuts))
+        path = Path(out).expanduser() if out else _new_run_path(new_cfg or load_config(recipe, overrides, shortcuts))
     else:
         path = _latest_unfinished() if resume == "auto" else _as_run_dir(Path(resume).expanduser())
     created, fresh = not path.exists(), not _entries(path)
@@ -63,7 +64,7 @@ def open_run(resume: str | None, out: str | None, recipe: str | None, overrides:
                     yield RunFolder(path, resumable_config(path, recipe, overrides, shortcuts), True)
                     return
                 _refuse_unresumable(path, started_ok=resume == "auto")
-            cfg = load_config(recipe, overrides, shortcuts)
+            cfg = new_cfg or load_config(recipe, overrides, shortcuts)
             if not cfg.data.root:
                 raise UserError("no training data: pass --data ROOT/DOMAIN (or data.root=...), "
                                 "or use --recipe quickstart")
