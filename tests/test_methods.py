@@ -58,7 +58,8 @@ def test_method_learns_and_exports_plain_weights(method: str) -> None:
 
 
 @pytest.mark.parametrize("method,mode,moves", [
-    ("full", "auto", True), ("full", "frozen", False), ("lora", "auto", False), ("lora", "update", True),
+    ("full", "auto", False), ("full", "update", True), ("lora", "auto", False), ("lora", "update", True),
+    ("mixout", "auto", False), ("mixout", "update", True),
     ("gmixout", "auto", False), ("gmixout", "update", True),
 ])
 def test_norm_stats_override_the_methods_batchnorm_mode(method: str, mode: str, moves: bool) -> None:

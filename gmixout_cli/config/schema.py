@@ -102,8 +102,9 @@ class MethodConfig:
     name: str = "gmixout"
     """`gmixout`; baselines: `full`, `lp`, `lpft`, `randmask`, `mixout`, `lora`, `dora`, `mlae`."""
     norm_stats: Literal["auto", "update", "frozen"] = "auto"
-    """BatchNorm running statistics in training: `auto` = the method's own choice (full, lpft, mixout and
-    gmixout with train_bias_norm update them; the others keep them frozen), `update`, or `frozen`."""
+    """BatchNorm running statistics in training: `auto` = the method's own choice (every built-in method keeps
+    the pretrained statistics; their affine parameters train where the method trains them), `update` (follow
+    the training batches), or `frozen`."""
 
     def problems(self) -> list[str]:
         """Range and consistency checks of the method's own fields (one message per problem)."""

@@ -21,7 +21,9 @@ class Method:
     """
 
     updates_norm_stats = False
-    """Whether BatchNorm running statistics follow the training batches (`method.norm_stats=auto`)."""
+    """Whether BatchNorm running statistics follow the training batches (`method.norm_stats=auto`). No built-in
+    method does: statistics of small batches of small images are noisy, differ from the pretrained ones the
+    starting head was fit on, and made full fine-tuning end below its own start (`method.norm_stats=update`)."""
 
     def __init__(self, model: nn.Module, cfg: Config, targets: list[str], head_prefix: str, total_steps: int) -> None:
         t = cfg.train
@@ -103,7 +105,7 @@ def head_param_names(model: nn.Module, head_prefix: str) -> list[str]:
 
 
 def freeze_norm_stats(model: nn.Module) -> None:
-    """Keep BatchNorm running statistics fixed: their affine parameters are frozen too."""
+    """Keep BatchNorm running statistics fixed (eval mode); affine parameters train where the method trains them."""
     for module in model.modules():
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
             module.eval()

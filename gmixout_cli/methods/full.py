@@ -24,8 +24,6 @@ class FullConfig(MethodConfig):
 class FullFinetune(Method):
     """Plain AdamW on all parameters; no weight decay on biases and norms."""
 
-    updates_norm_stats = True
-
     def __init__(self, model: nn.Module, cfg: Config, targets: list[str], head_prefix: str, total_steps: int) -> None:
         super().__init__(model, cfg, targets, head_prefix, total_steps)
         head = set(head_param_names(model, head_prefix))

@@ -91,7 +91,6 @@ class GMixout(Method):
         assert isinstance(cfg.method, GMixoutConfig)
         self.cfg = m = cfg.method
         lr, head_lr, weight_decay = self.lr, self.head_lr, self.weight_decay
-        self.updates_norm_stats = m.train_bias_norm
         self.k = episode_length(m, total_steps)
         self.s = 1.0 / (1.0 - m.p)
         self.episode = 0

@@ -128,8 +128,6 @@ class MixoutConfig(MethodConfig):
 class Mixout(Method):
     """Dense Mixout on the target weights; everything else trains densely as in full fine-tuning."""
 
-    updates_norm_stats = True
-
     def __init__(self, model: nn.Module, cfg: Config, targets: list[str], head_prefix: str, total_steps: int) -> None:
         super().__init__(model, cfg, targets, head_prefix, total_steps)
         assert isinstance(cfg.method, MixoutConfig)
