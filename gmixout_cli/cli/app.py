@@ -12,7 +12,7 @@ import warnings
 
 import typer
 
-from gmixout_cli.cli import evaluate, finetune, merge, profile, recipes
+from gmixout_cli.cli import compare, evaluate, finetune, merge, profile, recipes
 from gmixout_cli.cli.common import err_console
 from gmixout_cli.errors import UserError
 
@@ -26,7 +26,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
 )
-for module in (finetune, evaluate, merge, profile, recipes):
+for module in (finetune, evaluate, merge, profile, compare, recipes):
     module.register(app)
 
 

@@ -91,8 +91,8 @@ class LoRAConfig(RankConfig):
         return out
 
 
-@register_method("lora", LoRAConfig, summary="peft LoRA adapters on the targets, merged at export")
-@register_method("dora", LoRAConfig, summary="peft DoRA adapters on the targets, merged at export")
+@register_method("lora", LoRAConfig, summary="peft LoRA adapters on the targets, merged at export", lr_scale=3.0)
+@register_method("dora", LoRAConfig, summary="peft DoRA adapters on the targets, merged at export", lr_scale=3.0)
 class PeftLoRA(Method):
     """LoRA (or DoRA) adapters from peft on the target modules; head trains densely."""
 

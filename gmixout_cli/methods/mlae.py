@@ -104,7 +104,8 @@ class MLAEConfig(RankConfig):
         return out
 
 
-@register_method("mlae", MLAEConfig, summary="masked LoRA experts (rank-1 experts under dropout), merged at export")
+@register_method("mlae", MLAEConfig, summary="masked LoRA experts (rank-1 experts under dropout), merged at export",
+                 lr_scale=3.0)
 class MLAE(Method):
     """Masked LoRA experts on the target weights; the head trains densely; everything else frozen."""
 

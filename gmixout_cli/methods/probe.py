@@ -18,7 +18,7 @@ class LinearProbeConfig(MethodConfig):
     """The linear probe reads no field of its own (its learning rate is `train.head_lr`)."""
 
 
-@register_method("lp", LinearProbeConfig, summary="the head only (linear probe)")
+@register_method("lp", LinearProbeConfig, summary="the head only (linear probe)", tuned="train.head_lr")
 class LinearProbe(Method):
     """AdamW on the head alone (BatchNorm statistics frozen too, so the backbone is untouched)."""
 

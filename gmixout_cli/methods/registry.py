@@ -29,6 +29,8 @@ class MethodSpec:
     presets: Mapping[str, Any] = field(default_factory=dict)  # fields this name fixes
     head_init: HeadInit | None = None  # the head it starts from under model.head_init=auto (None: the model's own)
     summary: str = ""
+    tuned: str = "train.lr"  # the learning rate `gmixout compare` searches (the linear probe's is train.head_lr)
+    lr_scale: float = 1.0  # where that search starts, relative to the recipe's train.lr
 
     def fields(self) -> list[str]:
         """The `method.*` fields a user may set for this name (the presets are not among them)."""
@@ -39,12 +41,14 @@ METHODS: dict[str, MethodSpec] = {}
 
 
 def register_method(name: str, config: type[MethodConfig], presets: Mapping[str, Any] | None = None,
-                    head_init: HeadInit | None = None, summary: str = "") -> Callable[[T], T]:
+                    head_init: HeadInit | None = None, summary: str = "", tuned: str = "train.lr",
+                    lr_scale: float = 1.0) -> Callable[[T], T]:
     """Class decorator: make `name` a `method.name` choice built by the decorated class."""
     def decorate(cls: T) -> T:
         if name in METHODS:
             raise ValueError(f"method {name!r} is registered twice")
-        METHODS[name] = MethodSpec(name, cls, config, dict(presets or {}), head_init, summary)  # type: ignore[arg-type]
+        METHODS[name] = MethodSpec(name, cls, config, dict(presets or {}), head_init, summary,  # type: ignore[arg-type]
+                                   tuned, lr_scale)
         return cls
 
     return decorate

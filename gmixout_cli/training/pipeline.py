@@ -11,6 +11,7 @@ The last training step is checkpointed before the method's export transform, so 
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import math
@@ -40,7 +41,7 @@ from gmixout_cli.eval import evaluate_domains, ood_sets
 from gmixout_cli.methods.registry import method_model_config
 from gmixout_cli.models import BuiltModel, build_model, save_classifier
 from gmixout_cli.training.checkpoint import CHECKPOINT, load_checkpoint, read_checkpoint_meta, save_checkpoint
-from gmixout_cli.training.linear_probe import extract_features, fit_linear_probe
+from gmixout_cli.training.linear_probe import ProbeFit, extract_features, fit_linear_probe
 from gmixout_cli.training.loop import Trainer, input_size, make_trainer
 from gmixout_cli.training.steplog import StepLogger
 from gmixout_cli.utils.environment import environment
@@ -64,14 +65,16 @@ class Prepared:
     image_size: int
     eval_tf: Any
     device: torch.device
-    lp_acc: float | None
+    probe: ProbeFit | None
     skipped: int
     summary: dict[str, Any]
 
 
-def finetune(cfg: Config, run_dir: Path, console: Console, resume: bool = False) -> dict[str, Any]:
+def finetune(cfg: Config, run_dir: Path, console: Console, resume: bool = False,
+             on_step: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     """Train (or continue from run_dir's checkpoint), export the merged dense model, evaluate in and out of
-    domain; returns results.json's content."""
+    domain; returns results.json's content. `on_step(step, total_steps)` follows training (`gmixout compare`'s
+    progress over many runs)."""
     with stop_on_signals() as stop:
         try:
             run = prepare(cfg, run_dir, console, resume)
@@ -79,7 +82,7 @@ def finetune(cfg: Config, run_dir: Path, console: Console, resume: bool = False)
             raise Interrupted(f"stopped by {stop.requested} before training started; nothing was trained: run the "
                               "same command again", stop.exit_code) from None
         stop.immediate = False
-        train_time, images = train(cfg, run_dir, console, run, stop)
+        train_time, images = train(cfg, run_dir, console, run, stop, on_step)
         weights_path = export(cfg, run_dir, console, run, stop)
         stop.immediate = True
         try:
@@ -120,13 +123,19 @@ def prepare(cfg: Config, run_dir: Path, console: Console, resume: bool) -> Prepa
     console.print(f"[bold]data[/] {data.domain}: {len(data.train)} train / {len(data.val)} val images, "
                   f"{len(data.classes)} classes ({data.split_source}); out-of-domain: {', '.join(ood) or 'none'}{note}")
 
-    lp_acc = None
+    probe = None
     if built.head_init == "linear_probe" and not resume:  # a resumed run's head comes from its checkpoint
-        feat_loader = make_loader(data.train, eval_tf, t.eval_batch_size, False, cfg.data.num_workers, 0)
         built.model.eval()
-        feats, labels = extract_features(built.features, feat_loader, device)
-        lp_acc = fit_linear_probe(built.head, feats, labels)
-        console.print(f"[bold]head[/] linear probe on frozen features: train top-1 {lp_acc:.3f}")
+
+        def features(items: list) -> tuple[torch.Tensor, torch.Tensor]:
+            loader = make_loader(items, eval_tf, t.eval_batch_size, False, cfg.data.num_workers, 0)
+            return extract_features(built.features, loader, device)
+
+        feats, labels = features(data.train)
+        probe = fit_linear_probe(built.head, feats, labels, features(data.val) if data.val else None)
+        held_out = f", held-out top-1 {probe.val_top1:.3f}" if probe.val_top1 is not None else ""
+        console.print(f"[bold]head[/] linear probe on frozen features (l2={probe.l2:g}, chosen on the held-out "
+                      f"split): train top-1 {probe.train_top1:.3f}{held_out}")
     if not resume:
         head_state = {k: v.detach().cpu().contiguous() for k, v in built.head.state_dict().items()}
         save_safetensors(run_dir / "init_head.safetensors", head_state,
@@ -138,10 +147,11 @@ def prepare(cfg: Config, run_dir: Path, console: Console, resume: bool) -> Prepa
         progress = load_checkpoint(run_dir / CHECKPOINT, trainer)["progress"]
         console.print(f"[bold]resumed[/] from {run_dir / CHECKPOINT} at step {trainer.step}")
     return Prepared(data, ood, built, trainer, loader, sampler, progress, total_steps, image_size, eval_tf, device,
-                    lp_acc, skipped, trainer.method.summary())
+                    probe, skipped, trainer.method.summary())
 
 
-def train(cfg: Config, run_dir: Path, console: Console, run: Prepared, stop: StopFlag) -> tuple[float, int]:
+def train(cfg: Config, run_dir: Path, console: Console, run: Prepared, stop: StopFlag,
+          on_step: Callable[[int, int], None] | None = None) -> tuple[float, int]:
     """The training steps; returns (seconds, images). A stop signal ends it with a checkpoint of the step."""
     t, trainer, progress = cfg.train, run.trainer, run.progress
     console.print(f"[bold]train[/] {cfg.method.name}: {run.total_steps} steps of {t.batch_size} images on "
@@ -170,6 +180,8 @@ def train(cfg: Config, run_dir: Path, console: Console, run: Prepared, stop: Sto
                                         "train.precision=fp32 (the last checkpoint, if any, is intact)")
                     log.step(trainer.step, progress["epoch"] + 1, loss, trainer.lr, peak_memory_bytes(run.device),
                              y.numel())
+                    if on_step:
+                        on_step(trainer.step, run.total_steps)
                     if progress["batch"] == len(run.sampler):
                         progress.update(epoch=progress["epoch"] + 1, batch=0)
                     if stop.requested or (t.checkpoint_every and trainer.step % t.checkpoint_every == 0):
@@ -233,7 +245,8 @@ def evaluate(cfg: Config, run_dir: Path, console: Console, run: Prepared, weight
         "model": cfg.model.name, "method": cfg.method.name, **scores, "steps": run.total_steps,
         "train_time_s": 0.0, "images_per_s": 0.0, "peak_memory_bytes": peak_memory_bytes(run.device),
         "device": str(run.device), "image_size": run.image_size, "method_summary": run.summary,
-        "linear_probe_train_top1": run.lp_acc, "skipped_unreadable": run.skipped, "split": run.data.split_source,
+        "linear_probe": dataclasses.asdict(run.probe) if run.probe else None, "skipped_unreadable": run.skipped,
+        "split": run.data.split_source,
         "weights": str(weights_path), "environment": environment(run.device),
     }
 

@@ -1,0 +1,151 @@
+"""A comparison's report: mean ± std over seeds per row, WiSE-FT rows, the oracle table; JSON, markdown, PNG."""
+
+from __future__ import annotations
+
+import datetime
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+from gmixout_cli.utils.environment import library_versions
+from gmixout_cli.utils.io import atomic_path, write_json, write_text
+
+
+def mean_std(values: list[float]) -> dict[str, float]:
+    """Mean and sample standard deviation (0 for one value) in percent."""
+    pct = [100.0 * v for v in values]
+    return {"mean": statistics.fmean(pct), "std": statistics.stdev(pct) if len(pct) > 1 else 0.0, "n": len(pct)}
+
+
+def _metrics(run: dict[str, Any]) -> dict[str, float]:
+    return {"id": float(next(iter(run["id"].values()))), **run["ood"], "ood_mean": run["ood_avg"] or 0.0}
+
+
+def wise_selected(curve: list[dict[str, Any]]) -> dict[str, Any]:
+    """The curve's point with the best held-out top-1 (ties: the larger alpha, closer to the fine-tuned model)."""
+    return max(curve, key=lambda p: (float(next(iter(p["id"].values()))), p["alpha"]))
+
+
+def summarise(state: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """label -> the selected value's metrics over seeds (mean/std in %), its grid, edge and start flags."""
+    out: dict[str, dict[str, Any]] = {}
+    for row in state["plan"]["rows"]:
+        label = row["label"]
+        if label not in state["selected"]:
+            continue
+        value, grid = state["selected"][label], state["grids"][label]
+        runs = [r for r in state["runs"] if r["label"] == label and r["value"] == value]
+        metrics = [_metrics(r) for r in runs]
+        starts = [r["linear_probe"]["val_top1"] for r in runs
+                  if r.get("linear_probe") and r["linear_probe"].get("val_top1") is not None]
+        summary: dict[str, Any] = {k: mean_std([m[k] for m in metrics]) for k in metrics[0]}
+        summary.update(key=row["key"], grid=grid, selected=value, at_edge=value in (min(grid), max(grid)),
+                       start=mean_std(starts) if starts else None)
+        summary["below_start"] = bool(starts) and summary["id"]["mean"] < summary["start"]["mean"]
+        out[label] = summary
+    for wise in _group_wise(state):
+        label, curves = wise
+        points = [_metrics(wise_selected(c)) for c in curves]
+        alphas = [wise_selected(c)["alpha"] for c in curves]
+        out[f"wise-ft ({label})"] = {**{k: mean_std([p[k] for p in points]) for k in points[0]},
+                                     "key": "alpha", "grid": sorted({p["alpha"] for c in curves for p in c}),
+                                     "selected": alphas, "at_edge": False, "start": None, "below_start": False}
+    return out
+
+
+def _group_wise(state: dict[str, Any]) -> list[tuple[str, list[list[dict[str, Any]]]]]:
+    groups: dict[str, list[list[dict[str, Any]]]] = {}
+    for w in state["wise"]:
+        groups.setdefault(w["label"], []).append(w["curve"])
+    return sorted(groups.items())
+
+
+def oracle(state: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Per row, the grid value with the best out-of-domain mean at the first seed: each row's headroom if the
+    target domains could choose (never used for the headline table)."""
+    seed = state["plan"]["seeds"][0]
+    out = {}
+    for label in state["selected"]:
+        runs = [r for r in state["runs"] if r["label"] == label and r["seed"] == seed]
+        best = max(runs, key=lambda r: (r["ood_avg"] or 0.0, -r["value"]))
+        out[label] = {"value": best["value"], **{k: 100.0 * v for k, v in _metrics(best).items()}}
+    return out
+
+
+def _cell(m: dict[str, float]) -> str:
+    return f"{m['mean']:.1f} ± {m['std']:.1f}"
+
+
+def markdown(state: dict[str, Any], summary: dict[str, dict[str, Any]], domains: list[str], title: str) -> str:
+    """The headline table (selection on held-out in-domain data only), then the oracle table."""
+    lines = [f"### {title}", "",
+             "| method | tuned | grid (selected in bold) | held-out ID | " + " | ".join(domains)
+             + " | OOD mean | seeds |",
+             "|---|---|---|---|" + "---|" * len(domains) + "---|---|"]
+    for label, s in summary.items():
+        selected = s["selected"] if isinstance(s["selected"], list) else [s["selected"]]
+        grid = ", ".join(f"**{v:g}**" if v in selected else f"{v:g}" for v in s["grid"])
+        flags = (" (edge)" if s["at_edge"] else "") + (" ⚠ below its start" if s["below_start"] else "")
+        cells = " | ".join(_cell(s[d]) for d in domains)
+        lines.append(f"| {label}{flags} | {s['key'].split('.')[-1]} | {grid} | {_cell(s['id'])} | {cells} | "
+                     f"{_cell(s['ood_mean'])} | {s['id']['n']} |")
+    starts = {k: s["start"] for k, s in summary.items() if s.get("start")}
+    if starts:
+        lines += ["", "Starting point (linear-probe head, held-out ID top-1): "
+                  + ", ".join(f"{k} {_cell(v)}" for k, v in starts.items()) + "."]
+    lines += ["", "Mean ± std over seeds, top-1 %. Each row's value was chosen on the training domain's held-out "
+              "split at the first seed (an *edge* value could not be bracketed within the allowed grid "
+              "extensions); WiSE-FT's alpha is chosen per seed on the same split."]
+    orc = oracle(state)
+    if orc:
+        lines += ["", "#### Oracle (selected on the target domains, first seed only: headroom, not a result)", "",
+                  "| method | value | held-out ID | OOD mean |", "|---|---|---|---|"]
+        lines += [f"| {k} | {o['value']:g} | {o['id']:.1f} | {o['ood_mean']:.1f} |" for k, o in orc.items()]
+    return "\n".join(lines) + "\n"
+
+
+def plot(path: Path, state: dict[str, Any], summary: dict[str, dict[str, Any]], title: str) -> None:
+    """ID vs OOD: one point per row with std error bars, WiSE-FT as a curve over alpha (mean over seeds)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 5), dpi=120)
+    for label, s in summary.items():
+        if label.startswith("wise-ft"):
+            continue
+        ax.errorbar(s["id"]["mean"], s["ood_mean"]["mean"], xerr=s["id"]["std"], yerr=s["ood_mean"]["std"],
+                    fmt="o", capsize=3, label=label)
+    for label, curves in _group_wise(state):
+        alphas = sorted({p["alpha"] for c in curves for p in c})
+        xs, ys = [], []
+        for a in alphas:
+            pts = [_metrics(p) for c in curves for p in c if p["alpha"] == a]
+            xs.append(100 * statistics.fmean(p["id"] for p in pts))
+            ys.append(100 * statistics.fmean(p["ood_mean"] for p in pts))
+        ax.plot(xs, ys, "--", marker=".", label=f"WiSE-FT ({label}), alpha {alphas[0]:g}..{alphas[-1]:g}")
+    ax.set_xlabel("held-out in-domain top-1 (%)")
+    ax.set_ylabel("out-of-domain mean top-1 (%)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+
+
+def write_report(out: Path, state: dict[str, Any], title: str) -> dict[str, Any]:
+    """compare.json, compare.md, compare.png in `out`; returns the JSON's content."""
+    summary = summarise(state)
+    domains = sorted({d for r in state["runs"] for d in r["ood"]})
+    report = {"title": title, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "command": " ".join(["gmixout", *sys.argv[1:]]) if sys.argv else "", "versions": library_versions(),
+              "summary": summary, "oracle": oracle(state) if summary else {}, **state}
+    write_json(out / "compare.json", report)
+    if summary:
+        write_text(out / "compare.md", markdown(state, summary, domains, title))
+        plot(out / "compare.png", state, summary, title)
+    return report

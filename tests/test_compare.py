@@ -1,0 +1,140 @@
+"""`gmixout compare`: the selection protocol, the plan's checks, and the command end to end on tiny domains."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+from conftest import write_domains
+from gmixout_cli.compare import Comparison, build_plan
+from gmixout_cli.compare.plan import extend, series_grid
+
+TINY = ["--model", "timm:test_efficientnet", "model.weights=random", "data.image_size=32", "train.epochs=1",
+        "train.batch_size=8", "data.num_workers=0", "train.eval_batch_size=32", "model.head_init=zero"]
+
+
+def test_default_grids_follow_the_1_3_10_series_and_grow_past_an_edge() -> None:
+    assert series_grid(1e-4) == [3e-5, 1e-4, 3e-4]
+    assert series_grid(3e-4) == [1e-4, 3e-4, 1e-3]
+    assert extend([3e-5, 1e-4, 3e-4], upward=False) == 1e-5
+    assert extend([3e-5, 1e-4, 3e-4], upward=True) == 1e-3
+    assert extend([2e-4, 4e-4, 8e-4], upward=True) == 1.6e-3  # off the series: the grid's own ratio
+    assert extend([2e-4, 4e-4, 8e-4], upward=False) == 1e-4
+
+
+def _fake_comparison(tmp_path: Path, peak: float, max_extensions: int = 3) -> tuple[Comparison, list[float]]:
+    """A comparison whose runs are replaced by a held-out score peaked at `peak` (log scale)."""
+    import math
+
+    root = write_domains(tmp_path / "data", per_class=4)
+    plan = build_plan(None, [f"data.root={root / 'src'}", *TINY[2:], "model.name=timm:test_efficientnet"],
+                      ["full"], [], {"full": [3e-5, 1e-4, 3e-4]}, [0, 1], [], [0.0, 1.0], max_extensions)
+    comparison = Comparison(plan, tmp_path / "out", Console(file=open(tmp_path / "log", "w")), lambda s: None)
+    trained: list[float] = []
+
+    def train(row, key):  # noqa: ANN001
+        trained.append(key.value)
+        score = 1.0 - abs(math.log10(key.value) - math.log10(peak)) / 10
+        comparison.results[(key.label, key.value, key.seed)] = {"id": {"src": score}, "ood": {"tgt": 0.5},
+                                                                "ood_avg": 0.5}
+        return comparison.results[(key.label, key.value, key.seed)]
+
+    comparison.train = train  # type: ignore[method-assign]
+    return comparison, trained
+
+
+def test_a_best_value_at_the_edge_grows_the_grid_until_it_is_inside(tmp_path: Path) -> None:
+    comparison, trained = _fake_comparison(tmp_path, peak=3e-6)
+    comparison.run()
+    # 3e-5 is best at first (the low edge): 1e-5, then 3e-6 (still the edge), then 1e-6 brackets it
+    assert sorted(comparison.grids["full"]) == [1e-6, 3e-6, 1e-5, 3e-5, 1e-4, 3e-4]
+    assert comparison.selected["full"] == 3e-6
+    assert trained == [3e-5, 1e-4, 3e-4, 1e-5, 3e-6, 1e-6, 3e-6]  # the second seed at the kept value
+
+
+def test_the_grid_stops_growing_after_max_extensions_and_the_edge_is_reported(tmp_path: Path) -> None:
+    from gmixout_cli.compare.report import summarise
+
+    comparison, _ = _fake_comparison(tmp_path, peak=1e-9, max_extensions=1)
+    state = comparison.run()
+    assert sorted(comparison.grids["full"]) == [1e-5, 3e-5, 1e-4, 3e-4]
+    assert comparison.selected["full"] == 1e-5
+    state["runs"] = [{**r, "linear_probe": None} for r in state["runs"]]
+    assert summarise(state)["full"]["at_edge"] is True
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--methods", "full,nosuch"], "unknown method 'nosuch'"),
+    (["--methods", "", "--variant", "frozen:method.norm_stats=frozen"], "names no method"),
+    (["--methods", "full", "--variant", "x:method.name=full train.epochs=3"], "the budget and data are the same"),
+    (["--methods", "full", "--grid", "gmixout=1e-4,3e-4"], "'gmixout' in --grid/--wise is not a row"),
+    (["--methods", "full", "--grid", "full=1e-4"], "at least two distinct values"),
+    (["--methods", "full", "train.lr=1e-3"], "set by the comparison itself"),
+    (["--methods", "full", "--seeds", "0,0"], "repeats a seed"),
+])
+def test_plan_problems_are_one_line_and_exit_2(cli, tmp_path: Path, args: list[str], message: str) -> None:  # noqa: ANN001
+    root = write_domains(tmp_path / "data", per_class=2)
+    code, out, err = cli("compare", "-d", str(root / "src"), *TINY, "--wise", "", *args)
+    assert code == 2 and message in err and "Traceback" not in err + out
+    assert not (Path("compare").exists() and any(Path("compare").iterdir()))
+
+
+@pytest.mark.slow
+def test_compare_end_to_end_resumes_and_refuses_another_budget(cli, tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+    monkeypatch.chdir(tmp_path)
+    root = write_domains(tmp_path / "data", ("src", "tgt", "tgt2"), per_class=6)
+    out = tmp_path / "cmp"
+    args = ["compare", "-d", str(root / "src"), *TINY, "--methods", "full,gmixout", "--seeds", "0,1",
+            "--grid", "full=1e-3,1e-2", "--grid", "gmixout=1e-3,1e-2", "--max-extensions", "1",
+            "--wise", "gmixout", "--alphas", "0,0.5,1", "--out", str(out)]
+
+    code, stdout, err = cli(*args[:-2], "--out", str(out), "--dry-run")
+    assert code == 0, err
+    assert "estimated time" in stdout and "full" in stdout and not (out / "runs").exists()
+
+    code, stdout, err = cli(*args)
+    assert code == 0, err
+    report = json.loads((out / "compare.json").read_text())
+    assert set(report["summary"]) == {"full", "gmixout", "wise-ft (gmixout)"}
+    for label in ("full", "gmixout"):
+        grid = report["grids"][label]
+        assert 2 <= len(grid) <= 3 and report["selected"][label] in grid
+        runs = [r for r in report["runs"] if r["label"] == label]
+        assert len(runs) == len(grid) + 1  # the grid at seed 0, seed 1 at the kept value
+        assert report["summary"][label]["id"]["n"] == 2 and report["summary"][label]["tgt2"]["n"] == 2
+    curve = report["wise"][0]["curve"]
+    assert [p["alpha"] for p in curve] == [0.0, 0.5, 1.0] and set(curve[0]["ood"]) == {"tgt", "tgt2"}
+    table = (out / "compare.md").read_text()
+    assert "| full" in table and "| gmixout" in table and "wise-ft (gmixout)" in table and "Oracle" in table
+    assert (out / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # cut off: one run lost its results; the same command trains that one alone and keeps the others
+    last = out / report["runs"][-1]["dir"]
+    kept = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/*/results.json") if p.parent != last}
+    (last / "results.json").unlink()
+    code, stdout, err = cli(*args)
+    assert code == 0, err
+    assert (last / "results.json").is_file()
+    assert all(p.stat().st_mtime_ns == t for p, t in kept.items())
+    again = json.loads((out / "compare.json").read_text())
+    assert again["selected"] == report["selected"]
+
+    code, _, err = cli(*[a.replace("train.epochs=1", "train.epochs=2") for a in args])
+    assert code == 2 and "trained with other settings" in err and "train.epochs" in err
+
+
+def test_build_plan_resolves_each_rows_tuned_key_and_default_grid(tmp_path: Path) -> None:
+    root = write_domains(tmp_path / "data", per_class=2)
+    shared = [f"data.root={root / 'src'}", "model.name=timm:test_efficientnet", "model.weights=random"]
+    plan = build_plan("gmixout_efficientnet_lite0", shared, ["lp", "lora"],
+                      ["frozen:method.name=full method.norm_stats=frozen"], {}, [0], [], [0.0], 2)
+    rows = {r.label: r for r in plan.rows}
+    assert (rows["lp"].key, rows["lp"].grid) == ("train.head_lr", (3e-4, 1e-3, 3e-3))  # the recipe's head_lr 1e-3
+    assert "model.head_init=auto" in rows["lp"].overrides  # a probe starts from the model's own head
+    assert (rows["lora"].key, rows["lora"].grid) == ("train.lr", (1e-4, 3e-4, 1e-3))  # 3x the recipe's 1e-4
+    assert (rows["frozen"].method, rows["frozen"].grid) == ("full", (3e-5, 1e-4, 3e-4))
+    assert plan.config(rows["frozen"], 1e-4, 0).method.norm_stats == "frozen"
+    assert any("lp:" in n and "left out" in n for n in plan.notes)  # said once, not once per run
