@@ -5,11 +5,10 @@
 #   bash benchmarks/gpu_job.sh                   # = check: the first call on a lent GPU, under 8 minutes
 #   bash benchmarks/gpu_job.sh engine            # CUDA kernel tests, kernel_bench, epilogue_gather, step_bench ViT-B-16
 #   bash benchmarks/gpu_job.sh steps-l14         # step_bench ViT-L-14
-#   bash benchmarks/gpu_job.sh pacs BACKBONE SOURCES [SEEDS]   # e.g. pacs efficientnet_lite0 photo,sketch
-#   bash benchmarks/gpu_job.sh sweep BACKBONE SOURCE [SEEDS]   # benchmarks.pacs_sweep: GMixout variants on crossval
+#   bash benchmarks/gpu_job.sh pacs BACKBONE SOURCES [SEEDS]   # benchmarks.pacs (gmixout compare), e.g. sketch
 #
 # Everything it measures lands in $OUT (results.tgz: benchmarks/results files and, for pacs, the runs'
-# small files so that a later call or `python -m benchmarks.pacs --report-only` here continues from them).
+# small files so that a later call continues from them: gmixout compare reuses finished runs).
 set -uo pipefail
 OUT=${OUT:-/tmp/gmixout-out}
 mkdir -p "$OUT"
@@ -23,8 +22,8 @@ else
 fi
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || echo "no nvidia-smi"; } | tee "$OUT/gpu.txt"
 started=$(date +%s)
-save_runs() {  # the PACS runs' small files, for the next call or `--report-only` here
-  find runs/pacs-bench -name '*.json' -o -name 'config.yaml' -o -name 'device.txt' | tar czf "$OUT/pacs-runs.tgz" -T -
+save_runs() {  # the PACS runs' small files (no weights) for the next call; WiSE-FT needs the weights, so it reruns there
+  find runs/pacs -name '*.json' -o -name '*.yaml' -o -name '*.log' -o -name '*.md' | tar czf "$OUT/pacs-runs.tgz" -T -
 }
 
 case "${1:-check}" in
@@ -51,23 +50,13 @@ case "${1:-check}" in
   pacs)
     backbone=${2:?backbone}; sources=${3:?sources}; seeds=${4:-0,1,2}
     if [ -f pacs-runs.tgz ]; then tar xzf pacs-runs.tgz; fi  # the small files of an earlier call's runs
-    # stop after 8 minutes so that the report (decoding the eval sets again) and the archive fit in the call
-    timeout 480 python3 -m benchmarks.pacs --data .pacs128 --backbone "$backbone" --sources "$sources" \
-      --seeds "$seeds" --workers 12 2>&1 | tee "$OUT/pacs.log"
-    python3 -m benchmarks.pacs --data .pacs128 --backbone "$backbone" --sources "$sources" --seeds "$seeds" \
-      --report-only 2>&1 | tail -5
-    save_runs
-    ;;
-  sweep)
-    backbone=${2:?backbone}; source=${3:?source}; seeds=${4:-0,1,2}
-    if [ -f pacs-runs.tgz ]; then tar xzf pacs-runs.tgz; fi
-    # a sweep cut off by the timeout writes nothing, but its finished runs come back and the next call reuses them
-    timeout 540 python3 -m benchmarks.pacs_sweep --data .pacs128 --backbone "$backbone" --source "$source" \
-      --seeds "$seeds" --workers 12 2>&1 | tee "$OUT/pacs_sweep.log"
+    # stop after 8 minutes so that the archive fits in the call; the next call continues the comparison
+    timeout 480 python3 -m benchmarks.pacs --data .pacs128 --image-size 128 --backbone "$backbone" \
+      --sources "$sources" --seeds "$seeds" --workers 12 2>&1 | tee "$OUT/pacs.log"
     save_runs
     ;;
   *)
-    echo "usage: bash benchmarks/gpu_job.sh [check] | engine | steps-l14 | pacs BACKBONE SOURCES [SEEDS] | sweep BACKBONE SOURCE [SEEDS]" >&2
+    echo "usage: bash benchmarks/gpu_job.sh [check] | engine | steps-l14 | pacs BACKBONE SOURCES [SEEDS]" >&2
     exit 2
     ;;
 esac
