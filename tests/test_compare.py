@@ -129,11 +129,12 @@ def test_compare_end_to_end_resumes_and_refuses_another_budget(cli, tmp_path: Pa
 def test_build_plan_resolves_each_rows_tuned_key_and_default_grid(tmp_path: Path) -> None:
     root = write_domains(tmp_path / "data", per_class=2)
     shared = [f"data.root={root / 'src'}", "model.name=timm:test_efficientnet", "model.weights=random"]
-    plan = build_plan("gmixout_efficientnet_lite0", shared, ["lp", "lora"],
+    plan = build_plan("gmixout_efficientnet_lite0", shared, ["lp", "lora", "lpft"],
                       ["frozen:method.name=full method.norm_stats=frozen"], {}, [0], [], [0.0], 2)
     rows = {r.label: r for r in plan.rows}
     assert (rows["lp"].key, rows["lp"].grid) == ("train.head_lr", (3e-4, 1e-3, 3e-3))  # the recipe's head_lr 1e-3
     assert "model.head_init=auto" in rows["lp"].overrides  # a probe starts from the model's own head
+    assert "model.head_init=auto" in rows["lpft"].overrides  # the recipe's zero head is not LP-FT's start
     assert (rows["lora"].key, rows["lora"].grid) == ("train.lr", (1e-4, 3e-4, 1e-3))  # 3x the recipe's 1e-4
     assert (rows["frozen"].method, rows["frozen"].grid) == ("full", (3e-5, 1e-4, 3e-4))
     assert plan.config(rows["frozen"], 1e-4, 0).method.norm_stats == "frozen"

@@ -131,7 +131,9 @@ def build_plan(recipe: str | None, shared: list[str], methods: list[str], varian
     for name in methods:
         if name not in method_names():
             raise UserError(f"unknown method '{name}' in --methods: choose from {', '.join(method_names())}")
-        specs.append((name, (f"method.name={name}", *ROW_DEFAULTS.get(name, ()))))
+        # a method that declares its own start (LP-FT: a linear probe) gets it whatever head the recipe names
+        own_head = ("model.head_init=auto",) if method_spec(name).head_init else ()
+        specs.append((name, (f"method.name={name}", *ROW_DEFAULTS.get(name, own_head))))
     for text in variants:
         label, sep, rest = text.partition(":")
         label, extra = label.strip(), rest.split()
