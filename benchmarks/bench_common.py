@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import datetime
+import json
 import platform
+import shutil
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 from typing import Any
 
@@ -62,3 +65,36 @@ def versions(modules: tuple[str, ...] = ("triton", "open_clip", "peft", "timm"))
     # torch.__version__, not the distribution's: only it names the CUDA build ("2.14.1+cu130")
     return {"torch": torch.__version__, "python": found["python"],
             **{m: found[DISTRIBUTIONS.get(m, m)] for m in modules}}
+
+
+SMALL_RUN_FILES = ("results.json", "config.yaml", "wise.json", "metrics.jsonl")
+
+
+def publish_compare(folder: Path, stem: Path, extra: dict[str, Any], argv: list[str]) -> None:
+    """A `gmixout compare` folder's report as stem.{json,md,png}, with provenance (`extra`: commit, command...),
+    and its runs' small files as stem_runs.tgz: enough for the same command to continue on another machine
+    (finished runs are reused from results.json; WiSE-FT curves from wise.json)."""
+    from gmixout_cli.compare import compare_command
+    from gmixout_cli.utils.io import atomic_path, write_json
+
+    report = json.loads((folder / "compare.json").read_text())
+    report.update(extra, compare_command=compare_command(argv))
+    write_json(stem.with_suffix(".json"), report)
+    for suffix in (".md", ".png"):
+        if (folder / f"compare{suffix}").is_file():
+            shutil.copyfile(folder / f"compare{suffix}", stem.with_suffix(suffix))
+    with atomic_path(stem.with_name(stem.name + "_runs.tgz")) as tmp, tarfile.open(tmp, "w:gz") as tar:
+        for path in sorted(folder.glob("runs/*/*/*")):
+            if path.name in SMALL_RUN_FILES:
+                tar.add(path, arcname=str(path.relative_to(folder)))
+
+
+def restore_runs(folder: Path, stem: Path) -> None:
+    """Unpack stem_runs.tgz into `folder` where a run's results are missing (a fresh machine continues)."""
+    archive = stem.with_name(stem.name + "_runs.tgz")
+    if not archive.is_file():
+        return
+    with tarfile.open(archive) as tar:
+        members = [m for m in tar.getmembers() if m.isfile() and not m.name.startswith(("/", ".."))
+                   and ".." not in Path(m.name).parts and not (folder / m.name).exists()]
+        tar.extractall(folder, members=members, filter="data")

@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import statistics
 import sys
 from pathlib import Path
 from typing import Any
 
-from benchmarks.bench_common import ROOT, git_head
+from benchmarks.bench_common import ROOT, git_head, publish_compare, restore_runs
+from gmixout_cli.compare import compare_command
 from gmixout_cli.utils.io import write_json, write_text
 
 SOURCES = ("art_painting", "cartoon", "photo", "sketch")
@@ -50,20 +50,15 @@ def run_source(args: argparse.Namespace, source: str) -> None:
     from gmixout_cli.cli.app import app
 
     cmd = command(args, source)
-    print("gmixout " + " ".join(f"'{c}'" if " " in c else c for c in cmd), flush=True)
+    folder, stem = args.work / f"{args.backbone}-{source}", args.out / f"pacs_{args.backbone}_{source}"
+    print(compare_command(cmd), flush=True)
+    restore_runs(folder, stem)  # runs committed by an earlier session on another machine count as done
     app(cmd, standalone_mode=False)
-    if args.dry_run:
-        return
-    folder = args.work / f"{args.backbone}-{source}"
-    stem = args.out / f"pacs_{args.backbone}_{source}"
-    report = json.loads((folder / "compare.json").read_text())
-    report.update(benchmark="pacs", source=source, backbone=args.backbone, git_commit=args.commit,
-                  command=" ".join(["python", "-m", "benchmarks.pacs", *sys.argv[1:]]),
-                  compare_command="gmixout " + " ".join(cmd))
-    write_json(stem.with_suffix(".json"), report)
-    shutil.copyfile(folder / "compare.md", stem.with_suffix(".md"))
-    shutil.copyfile(folder / "compare.png", stem.with_suffix(".png"))
-    print(f"pacs: wrote {stem}.json, .md, .png", flush=True)
+    if not args.dry_run:
+        publish_compare(folder, stem, {"benchmark": "pacs", "source": source, "backbone": args.backbone,
+                                       "git_commit": args.commit,
+                                       "command": " ".join(["python", "-m", "benchmarks.pacs", *sys.argv[1:]])}, cmd)
+        print(f"pacs: wrote {stem}.json, .md, .png, _runs.tgz", flush=True)
 
 
 def pooled(reports: dict[str, dict[str, Any]]) -> dict[str, Any]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import shlex
 import statistics
 import sys
 from pathlib import Path
@@ -137,12 +138,17 @@ def plot(path: Path, state: dict[str, Any], summary: dict[str, dict[str, Any]], 
     plt.close(fig)
 
 
+def compare_command(argv: list[str]) -> str:
+    """The command line that reproduces a comparison, quoted for a shell."""
+    return " ".join(["gmixout", *(shlex.quote(a) for a in argv)])
+
+
 def write_report(out: Path, state: dict[str, Any], title: str) -> dict[str, Any]:
     """compare.json, compare.md, compare.png in `out`; returns the JSON's content."""
     summary = summarise(state)
     domains = sorted({d for r in state["runs"] for d in r["ood"]})
     report = {"title": title, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "command": " ".join(["gmixout", *sys.argv[1:]]) if sys.argv else "", "versions": library_versions(),
+              "command": compare_command(sys.argv[1:]), "versions": library_versions(),
               "summary": summary, "oracle": oracle(state) if summary else {}, **state}
     write_json(out / "compare.json", report)
     if summary:

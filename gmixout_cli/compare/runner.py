@@ -63,16 +63,18 @@ class Comparison:
     def run(self) -> dict[str, Any]:
         with self.progress:
             self.progress.plan([self.finished(r, k) for r, k in self.todo()])
+            # WiSE-FT right after a kept run: its curve is cached beside it, so its weights may go afterwards
             for row in self.plan.rows:  # phase 1: the grid at the first seed, grown past an edge choice
                 for value in list(self.grids[row.label]):
                     self.train(row, RunKey(row.label, value, self.plan.seeds[0]))
                 self.select(row)
+                if row.label in self.plan.wise:
+                    self.wise_curve(row, self.plan.seeds[0])
             for seed in self.plan.seeds[1:]:  # phase 2: the other seeds at the kept value
                 for row in self.plan.rows:
                     self.train(row, RunKey(row.label, self.selected[row.label], seed))
-            for label in self.plan.wise:
-                for seed in self.plan.seeds:
-                    self.wise_curve(self.plan.row(label), seed)
+                    if row.label in self.plan.wise:
+                        self.wise_curve(row, seed)
         state = self.state()
         self.report(state)
         return state
