@@ -22,6 +22,7 @@ from pathlib import Path
 from benchmarks import fmnist_c
 from benchmarks.bench_common import ROOT, git_head, publish_compare, restore_runs
 from gmixout_cli.compare import compare_command
+from gmixout_cli.errors import UserError
 
 METHODS = "full,lp,lpft,lora,mixout,randmask,gmixout"
 VARIANTS = ("full_update_bn:method.name=full method.norm_stats=update",)
@@ -62,7 +63,10 @@ def main(argv: list[str] | None = None) -> int:
     stem = args.out / f"fmnist_c_{args.backbone}"
     print(compare_command(cmd), flush=True)
     restore_runs(args.work, stem)
-    app(cmd, standalone_mode=False)
+    try:
+        app(cmd, standalone_mode=False)
+    except UserError as exc:  # one line, as the gmixout command prints it
+        raise SystemExit(f"error: {exc}") from None
     if not args.dry_run:
         publish_compare(args.work, stem, {"benchmark": "corruptions", "data": "fmnist_c", "backbone": args.backbone,
                                           "git_commit": commit,

@@ -26,6 +26,7 @@ from typing import Any
 
 from benchmarks.bench_common import ROOT, git_head, publish_compare, restore_runs
 from gmixout_cli.compare import compare_command
+from gmixout_cli.errors import UserError
 from gmixout_cli.utils.io import write_json, write_text
 
 SOURCES = ("art_painting", "cartoon", "photo", "sketch")
@@ -53,7 +54,10 @@ def run_source(args: argparse.Namespace, source: str) -> None:
     folder, stem = args.work / f"{args.backbone}-{source}", args.out / f"pacs_{args.backbone}_{source}"
     print(compare_command(cmd), flush=True)
     restore_runs(folder, stem)  # runs committed by an earlier session on another machine count as done
-    app(cmd, standalone_mode=False)
+    try:
+        app(cmd, standalone_mode=False)
+    except UserError as exc:  # one line, as the gmixout command prints it
+        raise SystemExit(f"error: {exc}") from None
     if not args.dry_run:
         publish_compare(folder, stem, {"benchmark": "pacs", "source": source, "backbone": args.backbone,
                                        "git_commit": args.commit,

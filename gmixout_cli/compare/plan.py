@@ -181,8 +181,11 @@ def build_plan(recipe: str | None, shared: list[str], methods: list[str], varian
 
 
 def stale_keys(saved: dict[str, Any], planned: Config) -> list[str]:
-    """Settings of a run folder's config.yaml that differ from the plan (machine-only keys aside)."""
+    """Settings of a run folder's config.yaml that differ from the plan (machine-only keys aside; the data by its
+    domain folder's name, so that a comparison's runs still count on a machine that keeps the data elsewhere)."""
     now, old = flatten_dict(config_to_dict(planned)), flatten_dict(saved)
+    for flat in (now, old):
+        flat["data.root"] = Path(str(flat.get("data.root", ""))).name
     return [k for k in sorted(set(now) | set(old)) if not k.startswith(MACHINE_KEYS) and now.get(k) != old.get(k)]
 
 

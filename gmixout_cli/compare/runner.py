@@ -123,9 +123,9 @@ class Comparison:
                     with open_run("auto", str(path), self.plan.recipe, self._overrides(row, key), {}) as run:
                         finetune(run.cfg, run.path, Console(file=log, width=120), resume=run.resume,
                                  on_step=self.progress.step)
-                except Interrupted as exc:
-                    raise Interrupted(f"stopped during {path}: {exc}; run the same `gmixout compare` command "
-                                      "again to continue the comparison", exc.exit_code) from None
+                except Interrupted as exc:  # the run kept what it can; the comparison resumes it
+                    raise Interrupted(f"{str(exc).split('; resume with')[0]}; run the same `gmixout compare` "
+                                      "command again to continue the comparison", exc.exit_code) from None
                 for w in caught:
                     log.write(f"warning: {w.message}\n")
             self.progress.end_run()
