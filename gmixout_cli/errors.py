@@ -16,6 +16,10 @@ class UserError(Exception):
         super().__init__(" ".join(message.split()))
 
 
+class Diverged(UserError):
+    """Training produced a non-finite loss (a learning rate too high, or bf16 overflow)."""
+
+
 class Interrupted(UserError):
     """A run stopped on a signal (after writing a checkpoint where there was progress to keep).
 

@@ -139,3 +139,34 @@ def test_build_plan_resolves_each_rows_tuned_key_and_default_grid(tmp_path: Path
     assert (rows["frozen"].method, rows["frozen"].grid) == ("full", (3e-5, 1e-4, 3e-4))
     assert plan.config(rows["frozen"], 1e-4, 0).method.norm_stats == "frozen"
     assert any("lp:" in n and "left out" in n for n in plan.notes)  # said once, not once per run
+
+
+def test_a_diverged_grid_value_is_recorded_and_never_selected(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+    import math
+
+    from gmixout_cli.compare import runner, write_report
+    from gmixout_cli.errors import Diverged
+    from gmixout_cli.utils.io import write_json
+
+    def fake_finetune(cfg, run_dir, console, resume=False, on_step=None):  # noqa: ANN001
+        if cfg.train.lr >= 1e-2:
+            raise Diverged(f"loss became nan at step 3: lower train.lr (lr {cfg.train.lr})")
+        score = 0.9 - abs(math.log10(cfg.train.lr) + 3.5) / 10  # peaks between 1e-4 and 1e-3
+        write_json(run_dir / "results.json", {"id": {"src": score}, "ood": {"tgt": score / 2}, "ood_avg": score / 2})
+
+    monkeypatch.setattr(runner, "finetune", fake_finetune)
+    root = write_domains(tmp_path / "data", per_class=4)
+    plan = build_plan(None, [f"data.root={root / 'src'}", *TINY[2:], "model.name=timm:test_efficientnet"],
+                      ["full"], [], {"full": [1e-3, 1e-2]}, [0, 1], [], [0.0, 1.0], 2)
+    out = tmp_path / "out"
+    comparison = Comparison(plan, out, Console(file=open(tmp_path / "log", "w")),
+                            lambda s: write_report(out, s, "test"))
+    state = comparison.run()
+    assert (out / "runs/full/lr0.01-s0/diverged.json").is_file()
+    assert sorted(comparison.grids["full"]) == [1e-4, 3e-4, 1e-3, 1e-2] and comparison.selected["full"] == 3e-4
+    table = (out / "compare.md").read_text()
+    assert "0.01†" in table and "**0.0003**" in table
+    assert any(r.get("diverged") for r in state["runs"])
+    again = Comparison(plan, out, Console(file=open(tmp_path / "log2", "w")), lambda s: None)
+    monkeypatch.setattr(runner, "finetune", None)  # nothing may train again: every run is on disk
+    assert again.run()["selected"] == state["selected"]

@@ -36,7 +36,10 @@ def summarise(state: dict[str, Any]) -> dict[str, dict[str, Any]]:
         if label not in state["selected"]:
             continue
         value, grid = state["selected"][label], state["grids"][label]
-        runs = [r for r in state["runs"] if r["label"] == label and r["value"] == value]
+        kept = [r for r in state["runs"] if r["label"] == label and r["value"] == value]
+        runs = [r for r in kept if not r.get("diverged")]
+        if not runs:
+            continue
         metrics = [_metrics(r) for r in runs]
         starts = [r["linear_probe"]["val_top1"] for r in runs
                   if r.get("linear_probe") and r["linear_probe"].get("val_top1") is not None]
@@ -44,6 +47,8 @@ def summarise(state: dict[str, Any]) -> dict[str, dict[str, Any]]:
         summary.update(key=row["key"], grid=grid, selected=value, at_edge=value in (min(grid), max(grid)),
                        start=mean_std(starts) if starts else None)
         summary["below_start"] = bool(starts) and summary["id"]["mean"] < summary["start"]["mean"]
+        summary["diverged"] = sorted({r["value"] for r in state["runs"] if r["label"] == label and r.get("diverged")})
+        summary["diverged_seeds"] = len(kept) - len(runs)
         out[label] = summary
     for wise in _group_wise(state):
         label, curves = wise
@@ -51,7 +56,8 @@ def summarise(state: dict[str, Any]) -> dict[str, dict[str, Any]]:
         alphas = [wise_selected(c)["alpha"] for c in curves]
         out[f"wise-ft ({label})"] = {**{k: mean_std([p[k] for p in points]) for k in points[0]},
                                      "key": "alpha", "grid": sorted({p["alpha"] for c in curves for p in c}),
-                                     "selected": alphas, "at_edge": False, "start": None, "below_start": False}
+                                     "selected": alphas, "at_edge": False, "start": None, "below_start": False,
+                                     "diverged": [], "diverged_seeds": 0}
     return out
 
 
@@ -68,7 +74,9 @@ def oracle(state: dict[str, Any]) -> dict[str, dict[str, Any]]:
     seed = state["plan"]["seeds"][0]
     out = {}
     for label in state["selected"]:
-        runs = [r for r in state["runs"] if r["label"] == label and r["seed"] == seed]
+        runs = [r for r in state["runs"] if r["label"] == label and r["seed"] == seed and not r.get("diverged")]
+        if not runs:
+            continue
         best = max(runs, key=lambda r: (r["ood_avg"] or 0.0, -r["value"]))
         out[label] = {"value": best["value"], **{k: 100.0 * v for k, v in _metrics(best).items()}}
     return out
@@ -86,8 +94,10 @@ def markdown(state: dict[str, Any], summary: dict[str, dict[str, Any]], domains:
              "|---|---|---|---|" + "---|" * len(domains) + "---|---|"]
     for label, s in summary.items():
         selected = s["selected"] if isinstance(s["selected"], list) else [s["selected"]]
-        grid = ", ".join(f"**{v:g}**" if v in selected else f"{v:g}" for v in s["grid"])
-        flags = (" (edge)" if s["at_edge"] else "") + (" ⚠ below its start" if s["below_start"] else "")
+        grid = ", ".join(f"**{v:g}**" if v in selected else f"{v:g}†" if v in s.get("diverged", []) else f"{v:g}"
+                         for v in s["grid"])
+        flags = (" (edge)" if s["at_edge"] else "") + (" ⚠ below its start" if s["below_start"] else "") + (
+            f" ({s['diverged_seeds']} seeds diverged)" if s.get("diverged_seeds") else "")
         cells = " | ".join(_cell(s[d]) for d in domains)
         lines.append(f"| {label}{flags} | {s['key'].split('.')[-1]} | {grid} | {_cell(s['id'])} | {cells} | "
                      f"{_cell(s['ood_mean'])} | {s['id']['n']} |")
@@ -97,7 +107,7 @@ def markdown(state: dict[str, Any], summary: dict[str, dict[str, Any]], domains:
                   + ", ".join(f"{k} {_cell(v)}" for k, v in starts.items()) + "."]
     lines += ["", "Mean ± std over seeds, top-1 %. Each row's value was chosen on the training domain's held-out "
               "split at the first seed (an *edge* value could not be bracketed within the allowed grid "
-              "extensions); WiSE-FT's alpha is chosen per seed on the same split."]
+              "extensions; † diverged); WiSE-FT's alpha is chosen per seed on the same split."]
     orc = oracle(state)
     if orc:
         lines += ["", "#### Oracle (selected on the target domains, first seed only: headroom, not a result)", "",

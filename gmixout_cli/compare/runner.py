@@ -21,7 +21,7 @@ from gmixout_cli.compare.plan import Plan, Row, RunKey, extend, run_dir, stale_k
 from gmixout_cli.compare.progress import PlanProgress
 from gmixout_cli.config import Config, read_yaml
 from gmixout_cli.data import build_transform, load_domain, sibling_domains, verify_domain_data
-from gmixout_cli.errors import Interrupted, UserError
+from gmixout_cli.errors import Diverged, Interrupted, UserError
 from gmixout_cli.eval import evaluate_domains, ood_sets
 from gmixout_cli.merge import initial_state, interpolate, load_weights
 from gmixout_cli.models import load_classifier
@@ -87,6 +87,9 @@ class Comparison:
         for _ in range(self.plan.max_extensions + 1):
             grid = sorted(self.grids[row.label])
             scores = {v: self._held_out(self.results[(row.label, v, self.plan.seeds[0])]) for v in grid}
+            if max(scores.values()) < 0:
+                raise UserError(f"every {row.key} of row {row.label} diverged ({', '.join(f'{v:g}' for v in grid)}): "
+                                f"give --grid {row.label}=... with lower values")
             tied = [v for v in grid if scores[v] == max(scores.values())]
             best = tied[(len(tied) - 1) // 2]  # a plateau: its middle (an edge only when the edge alone is best)
             self.selected[row.label] = best
@@ -112,7 +115,12 @@ class Comparison:
             if changed:
                 raise UserError(f"{path} was trained with other settings than this comparison "
                                 f"({', '.join(changed[:3])}): use another --out, or remove that folder")
-        done = path / "results.json"
+        done, diverged = path / "results.json", path / "diverged.json"
+        if diverged.is_file():  # a grid value too high for this row: a result of the search, never selected
+            results = {"diverged": json.loads(diverged.read_text())["error"], "id": {}, "ood": {}, "ood_avg": None}
+            self.results[(key.label, key.value, key.seed)] = results
+            self.console.print(f"{row.label} {row.key.split('.')[-1]}={key.value:g} seed {key.seed}: diverged")
+            return results
         if not done.is_file():
             self.progress.start_run(f"{row.label} {row.key.split('.')[-1]}={key.value:g} seed {key.seed}")
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -123,6 +131,10 @@ class Comparison:
                     with open_run("auto", str(path), self.plan.recipe, self._overrides(row, key), {}) as run:
                         finetune(run.cfg, run.path, Console(file=log, width=120), resume=run.resume,
                                  on_step=self.progress.step)
+                except Diverged as exc:
+                    write_json(diverged, {"error": str(exc)})
+                    self.progress.end_run()
+                    return self.train(row, key)
                 except Interrupted as exc:  # the run kept what it can; the comparison resumes it
                     raise Interrupted(f"{str(exc).split('; resume with')[0]}; run the same `gmixout compare` "
                                       "command again to continue the comparison", exc.exit_code) from None
@@ -142,7 +154,7 @@ class Comparison:
 
     @staticmethod
     def _held_out(results: Results) -> float:
-        return float(next(iter(results["id"].values())))
+        return float(next(iter(results["id"].values()))) if results["id"] else -1.0  # diverged: below any score
 
     def wise_curve(self, row: Row, seed: int) -> list[dict[str, Any]]:
         """WiSE-FT between the run's start and its result at every alpha, scored like the runs (cached)."""
@@ -200,7 +212,7 @@ class Comparison:
             "runs": [{"label": label, "value": value, "seed": seed, "dir": str(run_dir(
                 self.out, self.plan.row(label), RunKey(label, value, seed)).relative_to(self.out)),
                       **{k: r.get(k) for k in ("id", "ood", "ood_avg", "steps", "train_time_s", "linear_probe",
-                                               "method_summary", "device", "image_size")}}
+                                               "method_summary", "device", "image_size", "diverged") if k in r}}
                      for (label, value, seed), r in sorted(self.results.items(), key=lambda i: (i[0][0], i[0][2],
                                                                                                i[0][1]))],
             "wise": [{"label": label, "seed": seed, "value": self.selected[label], "curve": curve}

@@ -38,11 +38,11 @@ def extract_features(features_fn, loader: DataLoader, device: torch.device) -> t
     return torch.cat(feats), torch.cat(labels)
 
 
-def _fit(feats: torch.Tensor, labels: torch.Tensor, num_classes: int, l2: float, iters: int
-         ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Multinomial logistic regression by full-batch L-BFGS: (weight, bias)."""
-    w = torch.zeros(num_classes, feats.shape[1], requires_grad=True)
-    b = torch.zeros(num_classes, requires_grad=True)
+def _fit(feats: torch.Tensor, labels: torch.Tensor, num_classes: int, l2: float, iters: int,
+         start: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Multinomial logistic regression by full-batch L-BFGS from `start` (default zeros): (weight, bias)."""
+    w0, b0 = start or (torch.zeros(num_classes, feats.shape[1]), torch.zeros(num_classes))
+    w, b = w0.clone().requires_grad_(True), b0.clone().requires_grad_(True)
     opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=iters, line_search_fn="strong_wolfe")
 
     def closure() -> torch.Tensor:
@@ -73,8 +73,9 @@ def fit_linear_probe(
     else:
         best: tuple[tuple[float, float], float, torch.Tensor, torch.Tensor] | None = None
         scores: dict[str, dict[str, float]] = {}
-        for l2 in grid:
-            w, b = _fit(feats, labels, num_classes, l2, iters)
+        start = None
+        for l2 in sorted(grid, reverse=True):  # a regularisation path: each fit starts from the stronger one's
+            w, b = start = _fit(feats, labels, num_classes, l2, iters, start)
             with torch.no_grad():
                 logits = val[0] @ w.T + b
                 acc = logits.argmax(1).eq(val[1]).float().mean().item()

@@ -36,7 +36,7 @@ from gmixout_cli.data import (
     verify_domain_data,
 )
 from gmixout_cli.data.epochs import EpochBatches
-from gmixout_cli.errors import Interrupted, UserError
+from gmixout_cli.errors import Diverged, Interrupted, UserError
 from gmixout_cli.eval import evaluate_domains, ood_sets
 from gmixout_cli.methods.registry import method_model_config
 from gmixout_cli.models import BuiltModel, build_model, save_classifier
@@ -176,7 +176,7 @@ def train(cfg: Config, run_dir: Path, console: Console, run: Prepared, stop: Sto
                     loss = trainer.train_step(x, y)
                     progress["batch"] += 1
                     if not math.isfinite(loss):
-                        raise UserError(f"loss became {loss} at step {trainer.step}: lower train.lr or use "
+                        raise Diverged(f"loss became {loss} at step {trainer.step}: lower train.lr or use "
                                         "train.precision=fp32 (the last checkpoint, if any, is intact)")
                     log.step(trainer.step, progress["epoch"] + 1, loss, trainer.lr, peak_memory_bytes(run.device),
                              y.numel())
