@@ -1,0 +1,51 @@
+"""Why full fine-tuning collapsed on small images: BatchNorm statistics from the batches vs the pretrained ones.
+
+    python -m benchmarks.norm_stats          # ~30 min on 2 cores
+
+One `gmixout compare` on the quickstart (EfficientNet-Lite0 from its linear-probe head, 64 px MNIST digits,
+UCI optdigits as the shifted domain), rows: full fine-tuning with the pretrained statistics (the default),
+the same with `method.norm_stats=update` (statistics of each batch of 32 small images, the behaviour before
+the default changed), and GMixout for reference; 3 seeds, the recipe's budget. Writes
+benchmarks/results/norm_stats_quickstart.{json,md,png} with the commit and the command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from benchmarks.bench_common import ROOT, git_head, publish_compare
+from gmixout_cli.compare import compare_command
+from gmixout_cli.errors import UserError
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.norm_stats", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--work", type=Path, default=ROOT / "runs" / "norm_stats")
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    args = ap.parse_args(argv)
+    commit = git_head()
+    cmd = ["compare", "--data", "builtin:digits/mnist", "--recipe", "quickstart", "--methods", "full,gmixout",
+           "--variant", "full_update_bn:method.name=full method.norm_stats=update", "--seeds", args.seeds,
+           "--grid", "full=1e-4,3e-4", "--grid", "full_update_bn=1e-4,3e-4", "--grid", "gmixout=1e-4,3e-4",
+           "--max-extensions", "0", "--wise", "", "--out", str(args.work)]
+    print(compare_command(cmd), flush=True)
+    from gmixout_cli.cli.app import app
+
+    try:
+        app(cmd, standalone_mode=False)
+    except UserError as exc:
+        raise SystemExit(f"error: {exc}") from None
+    stem = args.out / "norm_stats_quickstart"
+    publish_compare(args.work, stem, {"benchmark": "norm_stats", "git_commit": commit,
+                                      "command": " ".join(["python", "-m", "benchmarks.norm_stats", *sys.argv[1:]])},
+                    cmd)
+    print(f"norm_stats: wrote {stem}.json, .md, .png", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
