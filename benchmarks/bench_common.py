@@ -98,3 +98,18 @@ def restore_runs(folder: Path, stem: Path) -> None:
         members = [m for m in tar.getmembers() if m.isfile() and not m.name.startswith(("/", ".."))
                    and ".." not in Path(m.name).parts and not (folder / m.name).exists()]
         tar.extractall(folder, members=members, filter="data")
+
+
+def run_gmixout(argv: list[str]) -> None:
+    """Run a `gmixout` command line in this process; its user errors and stops end the script as the command
+    would end (one line; exit 2, or 128 + the signal after a stop that kept a checkpoint)."""
+    from gmixout_cli.cli.app import app
+    from gmixout_cli.compare import compare_command
+    from gmixout_cli.errors import UserError
+
+    print(compare_command(argv), flush=True)
+    try:
+        app(argv, standalone_mode=False)
+    except UserError as exc:
+        print(f"{exc.label + ': ' if exc.label else ''}{exc}", file=sys.stderr, flush=True)
+        raise SystemExit(exc.exit_code) from None

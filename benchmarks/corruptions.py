@@ -20,9 +20,7 @@ import sys
 from pathlib import Path
 
 from benchmarks import fmnist_c
-from benchmarks.bench_common import ROOT, git_head, publish_compare, restore_runs
-from gmixout_cli.compare import compare_command
-from gmixout_cli.errors import UserError
+from benchmarks.bench_common import ROOT, git_head, publish_compare, restore_runs, run_gmixout
 
 METHODS = "full,lp,lpft,lora,mixout,randmask,gmixout"
 VARIANTS = ("full_update_bn:method.name=full method.norm_stats=update",)
@@ -57,22 +55,18 @@ def main(argv: list[str] | None = None) -> int:
     commit = git_head()  # at the start: the code that trained, even if the tree moves on meanwhile
     if not (args.data / fmnist_c.MANIFEST).is_file():
         fmnist_c.main(["--out", str(args.data)])
-    from gmixout_cli.cli.app import app
-
     cmd = command(args)
     stem = args.out / f"fmnist_c_{args.backbone}"
-    print(compare_command(cmd), flush=True)
     restore_runs(args.work, stem)
     try:
-        app(cmd, standalone_mode=False)
-    except UserError as exc:  # one line, as the gmixout command prints it
-        raise SystemExit(f"error: {exc}") from None
-    if not args.dry_run:
-        publish_compare(args.work, stem, {"benchmark": "corruptions", "data": "fmnist_c", "backbone": args.backbone,
-                                          "git_commit": commit,
-                                          "command": " ".join(["python", "-m", "benchmarks.corruptions",
-                                                               *sys.argv[1:]])}, cmd)
-        print(f"corruptions: wrote {stem}.json, .md, .png, _runs.tgz", flush=True)
+        run_gmixout(cmd)
+    finally:  # a stopped comparison publishes what it has (its JSON says which runs), so the next session continues
+        if not args.dry_run and (args.work / "compare.json").is_file():
+            publish_compare(args.work, stem, {"benchmark": "corruptions", "data": "fmnist_c",
+                                              "backbone": args.backbone, "git_commit": commit,
+                                              "command": " ".join(["python", "-m", "benchmarks.corruptions",
+                                                                   *sys.argv[1:]])}, cmd)
+            print(f"corruptions: wrote {stem}.json, .md, .png, _runs.tgz", flush=True)
     return 0
 
 

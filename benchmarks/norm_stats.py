@@ -15,9 +15,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from benchmarks.bench_common import ROOT, git_head, publish_compare
-from gmixout_cli.compare import compare_command
-from gmixout_cli.errors import UserError
+from benchmarks.bench_common import ROOT, git_head, publish_compare, run_gmixout
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,13 +30,7 @@ def main(argv: list[str] | None = None) -> int:
            "--variant", "full_update_bn:method.name=full method.norm_stats=update", "--seeds", args.seeds,
            "--grid", "full=1e-4,3e-4", "--grid", "full_update_bn=1e-4,3e-4", "--grid", "gmixout=1e-4,3e-4",
            "--max-extensions", "0", "--wise", "", "--out", str(args.work)]
-    print(compare_command(cmd), flush=True)
-    from gmixout_cli.cli.app import app
-
-    try:
-        app(cmd, standalone_mode=False)
-    except UserError as exc:
-        raise SystemExit(f"error: {exc}") from None
+    run_gmixout(cmd)
     stem = args.out / "norm_stats_quickstart"
     publish_compare(args.work, stem, {"benchmark": "norm_stats", "git_commit": commit,
                                       "command": " ".join(["python", "-m", "benchmarks.norm_stats", *sys.argv[1:]])},

@@ -24,9 +24,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from benchmarks.bench_common import ROOT, git_head, publish_compare, restore_runs
-from gmixout_cli.compare import compare_command
-from gmixout_cli.errors import UserError
+from benchmarks.bench_common import ROOT, git_head, publish_compare, restore_runs, run_gmixout
 from gmixout_cli.utils.io import write_json, write_text
 
 SOURCES = ("art_painting", "cartoon", "photo", "sketch")
@@ -48,21 +46,18 @@ def command(args: argparse.Namespace, source: str) -> list[str]:
 
 
 def run_source(args: argparse.Namespace, source: str) -> None:
-    from gmixout_cli.cli.app import app
-
     cmd = command(args, source)
     folder, stem = args.work / f"{args.backbone}-{source}", args.out / f"pacs_{args.backbone}_{source}"
-    print(compare_command(cmd), flush=True)
     restore_runs(folder, stem)  # runs committed by an earlier session on another machine count as done
     try:
-        app(cmd, standalone_mode=False)
-    except UserError as exc:  # one line, as the gmixout command prints it
-        raise SystemExit(f"error: {exc}") from None
-    if not args.dry_run:
-        publish_compare(folder, stem, {"benchmark": "pacs", "source": source, "backbone": args.backbone,
-                                       "git_commit": args.commit,
-                                       "command": " ".join(["python", "-m", "benchmarks.pacs", *sys.argv[1:]])}, cmd)
-        print(f"pacs: wrote {stem}.json, .md, .png, _runs.tgz", flush=True)
+        run_gmixout(cmd)
+    finally:  # a stopped comparison publishes what it has (its JSON says which runs), so the next session continues
+        if not args.dry_run and (folder / "compare.json").is_file():
+            publish_compare(folder, stem, {"benchmark": "pacs", "source": source, "backbone": args.backbone,
+                                           "git_commit": args.commit,
+                                           "command": " ".join(["python", "-m", "benchmarks.pacs", *sys.argv[1:]])},
+                            cmd)
+            print(f"pacs: wrote {stem}.json, .md, .png, _runs.tgz", flush=True)
 
 
 def pooled(reports: dict[str, dict[str, Any]]) -> dict[str, Any]:

@@ -64,3 +64,28 @@ def test_pacs_pack_keeps_every_image_and_the_split_lists(tmp_path: Path) -> None
                 assert min(img.size) == 16
     count = sum(1 for p in data.rglob("*.png"))
     assert sum(1 for p in small.rglob("*.png")) == count and not (tmp_path / "small.partial").exists()
+
+
+def test_a_published_comparison_carries_its_runs_small_files_to_a_fresh_machine(tmp_path: Path) -> None:
+    import json
+
+    from benchmarks.bench_common import publish_compare, restore_runs
+
+    folder = tmp_path / "cmp"
+    run = folder / "runs" / "full" / "lr0.0001-s0"
+    run.mkdir(parents=True)
+    (folder / "compare.json").write_text(json.dumps({"runs": [], "selected": {}}))
+    for name, text in (("results.json", "{}"), ("config.yaml", "a: 1\n"), ("wise.json", "[]"),
+                       ("model.safetensors", "weights")):
+        (run / name).write_text(text)
+    stem = tmp_path / "results" / "bench_x"
+    publish_compare(folder, stem, {"git_commit": "abc"}, ["compare", "--data", "d d"])
+    report = json.loads(stem.with_suffix(".json").read_text())
+    assert report["git_commit"] == "abc" and report["compare_command"] == "gmixout compare --data 'd d'"
+    fresh = tmp_path / "fresh"
+    restore_runs(fresh, stem)
+    got = sorted(p.name for p in (fresh / "runs" / "full" / "lr0.0001-s0").iterdir())
+    assert got == ["config.yaml", "results.json", "wise.json"]  # never the weights
+    (fresh / "runs" / "full" / "lr0.0001-s0" / "results.json").write_text('{"kept": 1}')
+    restore_runs(fresh, stem)  # what a machine already has is never overwritten
+    assert "kept" in (fresh / "runs" / "full" / "lr0.0001-s0" / "results.json").read_text()
