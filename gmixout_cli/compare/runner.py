@@ -136,7 +136,8 @@ class Comparison:
                     self.progress.end_run()
                     return self.train(row, key)
                 except Interrupted as exc:  # the run kept what it can; the comparison resumes it
-                    raise Interrupted(f"{str(exc).split('; resume with')[0]}; run the same `gmixout compare` "
+                    said = str(exc).split("; resume with")[0].split(": run the same command")[0]
+                    raise Interrupted(f"{said}; run the same `gmixout compare` "
                                       "command again to continue the comparison", exc.exit_code) from None
                 for w in caught:
                     log.write(f"warning: {w.message}\n")
