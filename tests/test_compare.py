@@ -78,7 +78,7 @@ def test_the_grid_stops_growing_after_max_extensions_and_the_edge_is_reported(tm
 ])
 def test_plan_problems_are_one_line_and_exit_2(cli, tmp_path: Path, args: list[str], message: str) -> None:  # noqa: ANN001
     root = write_domains(tmp_path / "data", per_class=2)
-    code, out, err = cli("compare", "-d", str(root / "src"), *TINY, "--wise", "", *args)
+    code, out, err = cli("compare", "-d", str(root / "src"), *TINY, *args)  # default --wise: only existing rows
     assert code == 2 and message in err and "Traceback" not in err + out
     assert not (Path("compare").exists() and any(Path("compare").iterdir()))
 

@@ -45,8 +45,8 @@ def compare(
                                    show_default=False),
     max_extensions: int = typer.Option(3, "--max-extensions", min=0, help="How often a grid may grow past an "
                                        "edge where its best value lies."),
-    wise: str = typer.Option("lpft,gmixout", "--wise", help="Rows whose final runs get a WiSE-FT curve "
-                             "(comma-separated; empty for none)."),
+    wise: str = typer.Option(None, "--wise", help="Rows whose kept runs get a WiSE-FT curve (comma-separated; "
+                             "empty for none). Default: lpft and gmixout, where they are rows.", show_default=False),
     alphas: str = typer.Option("0,0.25,0.5,0.75,1", "--alphas", help="WiSE-FT mixing weights."),
     out: str = typer.Option(None, "--out", "-o", help="Comparison folder (default: compare/<domain>-<model>); "
                             "running the same command again continues it.", show_default=False),
@@ -83,8 +83,10 @@ def compare(
             raise UserError(f"--grid '{g}' is not LABEL=V1,V2,V3: write it like gmixout=1e-5,3e-5,1e-4")
         grids[label.strip()] = _floats(values, f"--grid {label}")
     seed_list = [int(v) for v in _floats(seeds, "--seeds")]
+    rows = (split_csv(methods) or []) + [v.partition(":")[0].strip() for v in variant or []]
+    wise_rows = [r for r in ("lpft", "gmixout") if r in rows] if wise is None else split_csv(wise) or []
     plan = build_plan(recipe, shared, split_csv(methods) or [], variant or [], grids, seed_list,
-                      split_csv(wise) or [], _floats(alphas, "--alphas"), max_extensions)
+                      wise_rows, _floats(alphas, "--alphas"), max_extensions)
     first = plan.config(plan.rows[0], plan.rows[0].grid[0], seed_list[0])
     folder = Path(out).expanduser() if out else Path("compare") / (
         f"{Path(first.data.root).name}-{first.model.name.replace(':', '-').replace('/', '-')}")
