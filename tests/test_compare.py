@@ -171,3 +171,22 @@ def test_a_diverged_grid_value_is_recorded_and_never_selected(tmp_path: Path, mo
     again = Comparison(plan, out, Console(file=open(tmp_path / "log2", "w")), lambda s: None)
     monkeypatch.setattr(runner, "finetune", None)  # nothing may train again: every run is on disk
     assert again.run()["selected"] == state["selected"]
+
+
+def test_progress_counts_resumed_and_finished_runs_and_projects_the_eta(monkeypatch) -> None:  # noqa: ANN001
+    from gmixout_cli.compare import progress
+
+    clock = iter([0.0, 0.0, 100.0, 100.0])  # started, run started, run ended, ...
+    monkeypatch.setattr(progress.time, "perf_counter", lambda: next(clock))
+    p = progress.PlanProgress(Console(file=open("/dev/null", "w")), steps_per_run=10)
+    p.plan([True, False, False, False])  # one run already on disk: done, and free
+    assert (p.done, p.total, p.eta()) == (10, 40, None)
+    p.start_run("full lr=1e-4 seed 0")
+    p.step(4, 10)  # a resumed run reports its first step as 4: steps 1-3 were done before
+    for s in range(5, 11):
+        p.step(s, 10)
+    p.end_run()
+    assert p.done == 20 and p.eta() == 2 * 10 * 100.0 / 10  # two runs left at 100 s per 10 steps
+    assert "2 runs left, ETA 3m20s" in p.eta_note()
+    p.add_runs(1)
+    assert p.total == 50 and progress.clock(3725) == "1h02m"
