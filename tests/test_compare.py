@@ -186,7 +186,7 @@ def test_progress_counts_resumed_and_finished_runs_and_projects_the_eta(monkeypa
     for s in range(5, 11):
         p.step(s, 10)
     p.end_run()
-    assert p.done == 20 and p.eta() == 2 * 10 * 100.0 / 10  # two runs left at 100 s per 10 steps
-    assert "2 runs left, ETA 3m20s" in p.eta_note()
+    assert p.done == 20 and p.eta() == 2 * 10 * 100.0 / 7  # two runs left at 100 s per 7 steps trained here
+    assert "2 runs left, ETA 4m46s" in p.eta_note()
     p.add_runs(1)
     assert p.total == 50 and progress.clock(3725) == "1h02m"

@@ -26,6 +26,7 @@ class PlanProgress:
         self.console, self.steps_per_run = console, steps_per_run
         self.total = self.done = 0
         self.run_steps = 0  # steps of the current run counted so far
+        self.resumed_steps = 0  # of those, the ones a checkpoint had already done (no time spent on them here)
         self.trained_steps, self.trained_time = 0, 0.0
         self.run_started: float | None = None
         self.started = time.perf_counter()
@@ -55,7 +56,7 @@ class PlanProgress:
         self._refresh()
 
     def start_run(self, description: str) -> None:
-        self.run_started, self.run_steps = time.perf_counter(), 0
+        self.run_started, self.run_steps, self.resumed_steps = time.perf_counter(), 0, 0
         if self.bar and self.task is not None:
             self.bar.update(self.task, description=description)
 
@@ -63,15 +64,15 @@ class PlanProgress:
         """`on_step` of the pipeline: a resumed run reports its first step > 1, counted from there."""
         if self.run_steps == 0 and step > 1:
             self.done += step - 1
-            self.run_steps = step - 1
+            self.run_steps = self.resumed_steps = step - 1
         self.done += 1
         self.run_steps += 1
         self._refresh()
 
     def end_run(self) -> None:
         """Close the run's account: its wall time (evaluation included) feeds the pace."""
-        if self.run_started is not None and self.run_steps:
-            self.trained_steps += self.steps_per_run
+        if self.run_started is not None and self.run_steps > self.resumed_steps:
+            self.trained_steps += self.run_steps - self.resumed_steps
             self.trained_time += time.perf_counter() - self.run_started
             self.done += self.steps_per_run - self.run_steps  # runs that stop early (max_steps) still complete
         self.run_started, self.run_steps = None, 0
