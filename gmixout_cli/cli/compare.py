@@ -36,7 +36,7 @@ def compare(
     methods: str = typer.Option(DEFAULT_METHODS, "--methods", help="Comma-separated method names, one row each "
                                 "([cyan]gmixout methods[/]); empty with --variant for variants only."),
     variant: list[str] = typer.Option(None, "--variant", help="An extra row: 'LABEL:key=value ...' with a "
-                                      "method.name, e.g. 'full_frozen_bn:method.name=full method.norm_stats=frozen' "
+                                      "method.name, e.g. 'full_update_bn:method.name=full method.norm_stats=update' "
                                       "(repeatable).", show_default=False),
     seeds: str = typer.Option("0,1,2", "--seeds", help="Comma-separated seeds; the first one runs the grids."),
     grid: list[str] = typer.Option(None, "--grid", help="A row's learning-rate grid, 'LABEL=V1,V2,V3' (at least "
@@ -68,7 +68,7 @@ def compare(
 
       gmixout compare -d ./pacs/sketch --methods full,lp,gmixout --seeds 0,1 --grid gmixout=1e-5,3e-5,1e-4
 
-      gmixout compare -d ./pacs/art_painting --variant 'full_frozen_bn:method.name=full method.norm_stats=frozen'
+      gmixout compare -d ./pacs/art_painting --variant 'full_update_bn:method.name=full method.norm_stats=update'
     """
     from gmixout_cli.compare import Comparison, build_plan, write_report
     from gmixout_cli.compare.progress import clock

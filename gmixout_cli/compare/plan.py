@@ -139,7 +139,7 @@ def build_plan(recipe: str | None, shared: list[str], methods: list[str], varian
         label, extra = label.strip(), rest.split()
         if not sep or not label or not extra or not all("=" in e for e in extra):
             raise UserError(f"--variant '{text}' is not LABEL:key=value ...: write it like "
-                            "'full_frozen_bn:method.name=full method.norm_stats=frozen'")
+                            "'full_update_bn:method.name=full method.norm_stats=update'")
         if not any(e.startswith("method.name=") for e in extra):
             raise UserError(f"--variant '{text}' names no method: add method.name=NAME")
         specs.append((label, tuple(extra)))
