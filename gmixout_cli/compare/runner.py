@@ -14,7 +14,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
 from rich.console import Console
 
 from gmixout_cli.compare.plan import Plan, Row, RunKey, extend, run_dir, stale_keys
@@ -219,5 +218,5 @@ class Comparison:
             "wise": [{"label": label, "seed": seed, "value": self.selected[label], "curve": curve}
                      for (label, seed), curve in sorted(self.wise.items())],
             "elapsed_s": self.progress.elapsed(),
-            "device": str(resolve_device("auto")) if torch.cuda.is_available() else "cpu",
+            "device": str(resolve_device("auto")),
         }
