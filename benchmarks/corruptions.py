@@ -8,7 +8,8 @@ The data set is built first if absent (`python -m benchmarks.fmnist_c`: 600 clea
 then runs the rows below at one shared budget (`--steps` optimizer steps, so GMixout's 30 episodes last
 steps/30 steps each), learning rates chosen on the clean training domain's held-out split at the first
 seed, the other seeds at the chosen value, WiSE-FT curves for LP-FT and GMixout. The report goes to
-benchmarks/results/fmnist_c_<backbone>.{json,md,png} (the OOD columns: test_clean, then each corruption)
+benchmarks/results/fmnist_c_<backbone>.{json,md,png} (test_clean, the clean test images, is the in-distribution
+test column, left out of the OOD mean; then each corruption)
 with the commit and the command, and the runs' small files to ..._runs.tgz, from which a fresh machine
 continues (finished runs are not trained again).
 """
@@ -29,6 +30,7 @@ VARIANTS = ("full_update_bn:method.name=full method.norm_stats=update",)
 def command(args: argparse.Namespace) -> list[str]:
     cmd = ["compare", "--data", str(args.data / "clean"), "--recipe", f"gmixout_{args.backbone}",
            "--methods", args.methods, "--seeds", args.seeds, "--wise", "lpft,gmixout", "--out", str(args.work),
+           "--id-test", "test_clean",
            f"data.image_size={args.image_size}", f"train.max_steps={args.steps}", "train.epochs=1000",
            f"data.num_workers={args.workers}"]
     for v in args.variants:

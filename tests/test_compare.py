@@ -26,21 +26,24 @@ def test_default_grids_follow_the_1_3_10_series_and_grow_past_an_edge() -> None:
     assert extend([2e-4, 4e-4, 8e-4], upward=False) == 1e-4
 
 
-def _fake_comparison(tmp_path: Path, peak: float, max_extensions: int = 3) -> tuple[Comparison, list[float]]:
+def _fake_comparison(tmp_path: Path, peak: float, max_extensions: int = 3,
+                     ood: dict[str, float] | None = None, id_test: list[str] | None = None,
+                     ) -> tuple[Comparison, list[float]]:
     """A comparison whose runs are replaced by a held-out score peaked at `peak` (log scale)."""
     import math
 
     root = write_domains(tmp_path / "data", per_class=4)
     plan = build_plan(None, [f"data.root={root / 'src'}", *TINY[2:], "model.name=timm:test_efficientnet"],
-                      ["full"], [], {"full": [3e-5, 1e-4, 3e-4]}, [0, 1], [], [0.0, 1.0], max_extensions)
+                      ["full"], [], {"full": [3e-5, 1e-4, 3e-4]}, [0, 1], [], [0.0, 1.0], max_extensions, id_test)
     comparison = Comparison(plan, tmp_path / "out", Console(file=open(tmp_path / "log", "w")), lambda s: None)
     trained: list[float] = []
 
     def train(row, key):  # noqa: ANN001
         trained.append(key.value)
         score = 1.0 - abs(math.log10(key.value) - math.log10(peak)) / 10
-        comparison.results[(key.label, key.value, key.seed)] = {"id": {"src": score}, "ood": {"tgt": 0.5},
-                                                                "ood_avg": 0.5}
+        scores = ood or {"tgt": 0.5}
+        comparison.results[(key.label, key.value, key.seed)] = {"id": {"src": score}, "ood": scores,
+                                                                "ood_avg": sum(scores.values()) / len(scores)}
         return comparison.results[(key.label, key.value, key.seed)]
 
     comparison.train = train  # type: ignore[method-assign]
@@ -67,6 +70,21 @@ def test_the_grid_stops_growing_after_max_extensions_and_the_edge_is_reported(tm
     assert summarise(state)["full"]["at_edge"] is True
 
 
+def test_an_id_test_domain_is_reported_apart_and_left_out_of_the_ood_mean(tmp_path: Path) -> None:
+    from gmixout_cli.compare.report import markdown, oracle, summarise
+
+    comparison, _ = _fake_comparison(tmp_path, peak=1e-4, ood={"clean": 0.9, "fog": 0.5, "noise": 0.3},
+                                     id_test=["clean"])
+    state = comparison.run()
+    state["runs"] = [{**r, "linear_probe": None} for r in state["runs"]]
+    summary = summarise(state)
+    assert summary["full"]["ood_mean"]["mean"] == pytest.approx(40.0)  # fog and noise only
+    assert summary["full"]["clean"]["mean"] == pytest.approx(90.0)
+    assert oracle(state)["full"]["ood_mean"] == pytest.approx(40.0)
+    header = markdown(state, summary, ["clean", "fog", "noise"], "t").splitlines()[2]
+    assert "| clean (ID test) | fog | noise | OOD mean |" in header
+
+
 @pytest.mark.parametrize(("args", "message"), [
     (["--methods", "full,nosuch"], "unknown method 'nosuch'"),
     (["--methods", "", "--variant", "frozen:method.norm_stats=frozen"], "names no method"),
@@ -75,6 +93,7 @@ def test_the_grid_stops_growing_after_max_extensions_and_the_edge_is_reported(tm
     (["--methods", "full", "--grid", "full=1e-4"], "at least two distinct values"),
     (["--methods", "full", "train.lr=1e-3"], "set by the comparison itself"),
     (["--methods", "full", "--seeds", "0,0"], "repeats a seed"),
+    (["--methods", "full", "--id-test", "nosuch"], "'nosuch', which is not a test domain"),
 ])
 def test_plan_problems_are_one_line_and_exit_2(cli, tmp_path: Path, args: list[str], message: str) -> None:  # noqa: ANN001
     root = write_domains(tmp_path / "data", per_class=2)

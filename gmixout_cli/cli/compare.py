@@ -48,6 +48,9 @@ def compare(
     wise: str = typer.Option(None, "--wise", help="Rows whose kept runs get a WiSE-FT curve (comma-separated; "
                              "empty for none). Default: lpft and gmixout, where they are rows.", show_default=False),
     alphas: str = typer.Option("0,0.25,0.5,0.75,1", "--alphas", help="WiSE-FT mixing weights."),
+    id_test: str = typer.Option(None, "--id-test", help="Sibling domains drawn from the training distribution "
+                                "(e.g. a clean test set beside corrupted copies): reported as in-distribution "
+                                "test accuracy and left out of the OOD mean (comma-separated).", show_default=False),
     out: str = typer.Option(None, "--out", "-o", help="Comparison folder (default: compare/<domain>-<model>); "
                             "running the same command again continues it.", show_default=False),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan and its estimated time (a few timed "
@@ -86,8 +89,16 @@ def compare(
     rows = (split_csv(methods) or []) + [v.partition(":")[0].strip() for v in variant or []]
     wise_rows = [r for r in ("lpft", "gmixout") if r in rows] if wise is None else split_csv(wise) or []
     plan = build_plan(recipe, shared, split_csv(methods) or [], variant or [], grids, seed_list,
-                      wise_rows, _floats(alphas, "--alphas"), max_extensions)
+                      wise_rows, _floats(alphas, "--alphas"), max_extensions, split_csv(id_test))
     first = plan.config(plan.rows[0], plan.rows[0].grid[0], seed_list[0])
+    if plan.id_test:
+        from gmixout_cli.data import load_domain, sibling_domains
+
+        siblings = sibling_domains(load_domain(first.data), first.data.ood)
+        unknown = [d for d in plan.id_test if d not in siblings]
+        if unknown:
+            raise UserError(f"--id-test names '{unknown[0]}', which is not a test domain of this comparison: "
+                            f"choose from {', '.join(siblings)}")
     folder = Path(out).expanduser() if out else Path("compare") / (
         f"{Path(first.data.root).name}-{first.model.name.replace(':', '-').replace('/', '-')}")
     for note in plan.notes:

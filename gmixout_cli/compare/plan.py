@@ -65,6 +65,9 @@ class Plan:
     alphas: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
     max_extensions: int = 3
     notes: list[str] = field(default_factory=list)
+    # sibling domains drawn from the training distribution (a clean test set beside corrupted ones): reported
+    # as in-distribution test accuracy, left out of the out-of-domain mean
+    id_test: list[str] = field(default_factory=list)
 
     def row(self, label: str) -> Row:
         return next(r for r in self.rows if r.label == label)
@@ -118,7 +121,7 @@ def extend(grid: list[float], upward: bool) -> float:
 
 def build_plan(recipe: str | None, shared: list[str], methods: list[str], variants: list[str],
                grids: dict[str, list[float]], seeds: list[int], wise: list[str], alphas: list[float],
-               max_extensions: int) -> Plan:
+               max_extensions: int, id_test: list[str] | None = None) -> Plan:
     """Check everything the comparison will need before any run starts (every problem is a UserError)."""
     if not seeds:
         raise UserError("--seeds is empty: give at least one seed, e.g. --seeds 0,1,2")
@@ -152,7 +155,8 @@ def build_plan(recipe: str | None, shared: list[str], methods: list[str], varian
     for label in [*grids, *wise]:
         if label not in labels:
             raise UserError(f"'{label}' in --grid/--wise is not a row of this comparison: rows are {', '.join(labels)}")
-    plan = Plan(recipe, list(shared), [], list(seeds), list(wise), list(alphas), max_extensions)
+    plan = Plan(recipe, list(shared), [], list(seeds), list(wise), list(alphas), max_extensions,
+                id_test=list(id_test or []))
     for label, overrides in specs:
         for o in overrides:
             if o.split("=", 1)[0].strip().startswith(SHARED_PREFIXES):

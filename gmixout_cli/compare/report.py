@@ -19,8 +19,18 @@ def mean_std(values: list[float]) -> dict[str, float]:
     return {"mean": statistics.fmean(pct), "std": statistics.stdev(pct) if len(pct) > 1 else 0.0, "n": len(pct)}
 
 
-def _metrics(run: dict[str, Any]) -> dict[str, float]:
-    return {"id": float(next(iter(run["id"].values()))), **run["ood"], "ood_mean": run["ood_avg"] or 0.0}
+def ood_mean(ood: dict[str, float], id_test: list[str]) -> float:
+    """The mean top-1 over the sibling domains that are not in-distribution tests (0 when there are none)."""
+    values = [v for d, v in ood.items() if d not in id_test]
+    return statistics.fmean(values) if values else 0.0
+
+
+def _metrics(run: dict[str, Any], id_test: list[str]) -> dict[str, float]:
+    return {"id": float(next(iter(run["id"].values()))), **run["ood"], "ood_mean": ood_mean(run["ood"], id_test)}
+
+
+def _id_test(state: dict[str, Any]) -> list[str]:
+    return list(state["plan"].get("id_test", []))
 
 
 def wise_selected(curve: list[dict[str, Any]]) -> dict[str, Any]:
@@ -40,7 +50,7 @@ def summarise(state: dict[str, Any]) -> dict[str, dict[str, Any]]:
         runs = [r for r in kept if not r.get("diverged")]
         if not runs:
             continue
-        metrics = [_metrics(r) for r in runs]
+        metrics = [_metrics(r, _id_test(state)) for r in runs]
         starts = [r["linear_probe"]["val_top1"] for r in runs
                   if r.get("linear_probe") and r["linear_probe"].get("val_top1") is not None]
         summary: dict[str, Any] = {k: mean_std([m[k] for m in metrics]) for k in metrics[0]}
@@ -52,7 +62,7 @@ def summarise(state: dict[str, Any]) -> dict[str, dict[str, Any]]:
         out[label] = summary
     for wise in _group_wise(state):
         label, curves = wise
-        points = [_metrics(wise_selected(c)) for c in curves]
+        points = [_metrics(wise_selected(c), _id_test(state)) for c in curves]
         alphas = [wise_selected(c)["alpha"] for c in curves]
         out[f"wise-ft ({label})"] = {**{k: mean_std([p[k] for p in points]) for k in points[0]},
                                      "key": "alpha", "grid": sorted({p["alpha"] for c in curves for p in c}),
@@ -77,8 +87,8 @@ def oracle(state: dict[str, Any]) -> dict[str, dict[str, Any]]:
         runs = [r for r in state["runs"] if r["label"] == label and r["seed"] == seed and not r.get("diverged")]
         if not runs:
             continue
-        best = max(runs, key=lambda r: (r["ood_avg"] or 0.0, -r["value"]))
-        out[label] = {"value": best["value"], **{k: 100.0 * v for k, v in _metrics(best).items()}}
+        best = max(runs, key=lambda r: (_metrics(r, _id_test(state))["ood_mean"], -r["value"]))
+        out[label] = {"value": best["value"], **{k: 100.0 * v for k, v in _metrics(best, _id_test(state)).items()}}
     return out
 
 
@@ -88,9 +98,11 @@ def _cell(m: dict[str, float]) -> str:
 
 def markdown(state: dict[str, Any], summary: dict[str, dict[str, Any]], domains: list[str], title: str) -> str:
     """The headline table (selection on held-out in-domain data only), then the oracle table."""
+    id_test = [d for d in domains if d in _id_test(state)]
+    domains = id_test + [d for d in domains if d not in id_test]  # in-distribution tests first, apart from the mean
     lines = [f"### {title}", "",
-             "| method | tuned | grid (selected in bold) | held-out ID | " + " | ".join(domains)
-             + " | OOD mean | seeds |",
+             "| method | tuned | grid (selected in bold) | held-out ID | "
+             + " | ".join(f"{d} (ID test)" if d in id_test else d for d in domains) + " | OOD mean | seeds |",
              "|---|---|---|---|" + "---|" * len(domains) + "---|---|"]
     for label, s in summary.items():
         selected = s["selected"] if isinstance(s["selected"], list) else [s["selected"]]
@@ -107,7 +119,9 @@ def markdown(state: dict[str, Any], summary: dict[str, dict[str, Any]], domains:
                   + ", ".join(f"{k} {_cell(v)}" for k, v in starts.items()) + "."]
     lines += ["", "Mean ± std over seeds, top-1 %. Each row's value was chosen on the training domain's held-out "
               "split at the first seed (an *edge* value could not be bracketed within the allowed grid "
-              "extensions; † diverged); WiSE-FT's alpha is chosen per seed on the same split."]
+              "extensions; † diverged); WiSE-FT's alpha is chosen per seed on the same split."
+              + (f" The OOD mean leaves out {', '.join(id_test)} (drawn from the training distribution)."
+                 if id_test else "")]
     orc = oracle(state)
     if orc:
         lines += ["", "#### Oracle (selected on the target domains, first seed only: headroom, not a result)", "",
@@ -133,7 +147,7 @@ def plot(path: Path, state: dict[str, Any], summary: dict[str, dict[str, Any]], 
         alphas = sorted({p["alpha"] for c in curves for p in c})
         xs, ys = [], []
         for a in alphas:
-            pts = [_metrics(p) for c in curves for p in c if p["alpha"] == a]
+            pts = [_metrics(p, _id_test(state)) for c in curves for p in c if p["alpha"] == a]
             xs.append(100 * statistics.fmean(p["id"] for p in pts))
             ys.append(100 * statistics.fmean(p["ood_mean"] for p in pts))
         ax.plot(xs, ys, "--", marker=".", label=f"WiSE-FT ({label}), alpha {alphas[0]:g}..{alphas[-1]:g}")

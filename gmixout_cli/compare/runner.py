@@ -18,6 +18,7 @@ from rich.console import Console
 
 from gmixout_cli.compare.plan import Plan, Row, RunKey, extend, run_dir, stale_keys
 from gmixout_cli.compare.progress import PlanProgress
+from gmixout_cli.compare.report import ood_mean
 from gmixout_cli.config import Config, read_yaml
 from gmixout_cli.data import build_transform, load_domain, sibling_domains, verify_domain_data
 from gmixout_cli.errors import Diverged, Interrupted, UserError
@@ -144,7 +145,8 @@ class Comparison:
         results = json.loads(done.read_text())
         self.results[(key.label, key.value, key.seed)] = results
         self.console.print(f"{row.label} {row.key.split('.')[-1]}={key.value:g} seed {key.seed}: held-out "
-                           f"{self._held_out(results):.3f}, out-of-domain mean {results['ood_avg'] or 0:.3f}"
+                           f"{self._held_out(results):.3f}, out-of-domain mean "
+                           f"{ood_mean(results['ood'], self.plan.id_test):.3f}"
                            f"{self.progress.eta_note()}")
         self.report(self.state())
         return results
@@ -204,7 +206,7 @@ class Comparison:
         return {
             "plan": {"recipe": self.plan.recipe, "shared": self.plan.shared, "seeds": self.plan.seeds,
                      "alphas": self.plan.alphas, "wise": self.plan.wise, "max_extensions": self.plan.max_extensions,
-                     "steps_per_run": self.steps, "notes": self.plan.notes,
+                     "id_test": self.plan.id_test, "steps_per_run": self.steps, "notes": self.plan.notes,
                      "rows": [{"label": r.label, "overrides": list(r.overrides), "key": r.key,
                                "initial_grid": list(r.grid)} for r in self.plan.rows]},
             "grids": {k: sorted(v) for k, v in self.grids.items()},
