@@ -46,20 +46,46 @@ def finetune(
 
     A stop signal (SIGINT, SIGTERM, SIGHUP) finishes the current step, writes a checkpoint and exits
     with 128 + the signal's number; --resume continues from it.
+
+    Several GPUs or nodes: `torchrun --nproc_per_node N -m gmixout_cli finetune ...` (train.batch_size
+    stays the global batch; rank 0 writes the run folder, which every node must see).
     """
+    from gmixout_cli.training.distributed import from_environment, process_group
+
+    shortcuts = {"model.name": model, "data.root": data, "data.ood": split_csv(ood)}
+    if not from_environment().enabled:
+        _finetune(resume, out, recipe, overrides or [], shortcuts)
+        return
+    with process_group() as dist:
+        if dist.main:
+            _finetune(resume, out, recipe, overrides or [], shortcuts, dist)
+        else:
+            _follow(dist)
+
+
+def _finetune(resume: str | None, out: str | None, recipe: str | None, overrides: list[str],
+              shortcuts: dict, dist=None) -> None:  # noqa: ANN001 - a Dist, or None for one process
     from gmixout_cli.config import config_to_dict
     from gmixout_cli.training import finetune as run_finetune
     from gmixout_cli.training import open_run
+    from gmixout_cli.training.distributed import Dist
     from gmixout_cli.utils.memory import oom_advice
 
-    shortcuts = {"model.name": model, "data.root": data, "data.ood": split_csv(ood)}
-    with open_run(resume, out, recipe, overrides or [], shortcuts) as run:
-        cfg = run.cfg
-        resolved = yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
-        console.print(f"[bold]{'resuming' if run.resume else 'run folder'}[/] {run.path}")
-        console.print(Syntax(resolved, "yaml", theme="ansi_dark", background_color="default"))
-        with oom_advice(cfg.train.batch_size, cfg.train.micro_batch_size):
-            results = run_finetune(cfg, run.path, console, resume=run.resume)
+    shared = False
+    try:
+        with open_run(resume, out, recipe, overrides, shortcuts) as run:
+            cfg = run.cfg
+            if dist is not None:  # the other ranks train in the folder rank 0 claimed, with its config
+                shared = dist.share((str(run.path), config_to_dict(cfg), run.resume)) is not None
+            resolved = yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+            console.print(f"[bold]{'resuming' if run.resume else 'run folder'}[/] {run.path}")
+            console.print(Syntax(resolved, "yaml", theme="ansi_dark", background_color="default"))
+            with oom_advice(cfg.train.batch_size, cfg.train.micro_batch_size):
+                results = run_finetune(cfg, run.path, console, resume=run.resume, dist=dist or Dist())
+    except BaseException:
+        if dist is not None and not shared:
+            dist.share(None)  # the other ranks stop too, instead of waiting for a run that will not start
+        raise
     run_dir = run.path
     console.print(scores_table(f"{cfg.model.name} / {cfg.method.name}", results))
     summary = Table(title="run", show_header=False)
@@ -71,3 +97,24 @@ def finetune(
     summary.add_row("merged model", str(run_dir / "model.safetensors"))
     summary.add_row("results, metrics", f"{run_dir / 'results.json'}, {run_dir / 'metrics.jsonl'}")
     console.print(summary)
+
+
+def _follow(dist) -> None:  # noqa: ANN001 - a Dist
+    """A rank other than 0: train in the run folder rank 0 opened, with its config; print nothing."""
+    from pathlib import Path
+
+    from rich.console import Console
+
+    from gmixout_cli.config import build_saved_config
+    from gmixout_cli.errors import Interrupted, UserError
+    from gmixout_cli.training import finetune as run_finetune
+
+    given = dist.share(None)
+    if given is None:
+        raise UserError(f"rank {dist.rank}: rank 0 did not start the run (its message says why)")
+    path, cfg_dict, resume = given
+    try:
+        run_finetune(build_saved_config(cfg_dict), Path(path), Console(quiet=True), resume=resume, dist=dist)
+    except Interrupted as exc:  # every rank stopped after the same step; rank 0 says where its checkpoint is
+        raise SystemExit(exc.exit_code) from None
+

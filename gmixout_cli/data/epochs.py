@@ -32,10 +32,12 @@ class SeededSamples(Dataset):
 
 
 class EpochBatches(Sampler[list[tuple[int, int]]]):
-    """Batches of (index, augmentation seed) for one epoch, from batch `start` on."""
+    """Batches of (index, augmentation seed) for one epoch, from batch `start` on; with `shard`, this rank's
+    slice of each global batch (the same samples and seeds as one process, split over the ranks)."""
 
-    def __init__(self, n: int, batch_size: int, seed: int, drop_last: bool) -> None:
-        self.n, self.batch_size, self.seed, self.drop_last = n, batch_size, seed, drop_last
+    def __init__(self, n: int, batch_size: int, seed: int, drop_last: bool,
+                 shard: Callable[[int], slice] | None = None) -> None:
+        self.n, self.batch_size, self.seed, self.drop_last, self.shard = n, batch_size, seed, drop_last, shard
         self.epoch, self.start = 0, 0
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
@@ -51,13 +53,15 @@ class EpochBatches(Sampler[list[tuple[int, int]]]):
         seeds = torch.randint(0, 2**62, (self.n,), generator=gen).tolist()
         for b in range(self.start, len(self)):
             batch = order[b * self.batch_size:(b + 1) * self.batch_size]
+            if self.shard:
+                batch = batch[self.shard(len(batch))]
             yield [(i, seeds[i]) for i in batch]
 
 
 def make_train_loader(items: list[Item], transform: Callable, batch_size: int, num_workers: int, seed: int,
-                      drop_last: bool) -> tuple[DataLoader, EpochBatches]:
+                      drop_last: bool, shard: Callable[[int], slice] | None = None) -> tuple[DataLoader, EpochBatches]:
     """The training loader and its batch sampler (call `sampler.set_epoch` before each epoch)."""
-    sampler = EpochBatches(len(items), batch_size, seed, drop_last)
+    sampler = EpochBatches(len(items), batch_size, seed, drop_last, shard)
     # persistent workers: started once per run, not once per epoch (no restart cost, one start-up window)
     loader = DataLoader(SeededSamples(ImageListDataset(items, transform)), batch_sampler=sampler,
                         num_workers=num_workers, pin_memory=torch.cuda.is_available(),

@@ -25,6 +25,10 @@ class Method:
     method does: statistics of small batches of small images are noisy, differ from the pretrained ones the
     starting head was fit on, and made full fine-tuning end below its own start (`method.norm_stats=update`)."""
 
+    dense_sync = True
+    """On several processes, whether DDP synchronises the gradients of every trainable parameter; False: the
+    trainer all-reduces only the gradients its optimizers step (GMixout's sparse delta values and head)."""
+
     def __init__(self, model: nn.Module, cfg: Config, targets: list[str], head_prefix: str, total_steps: int) -> None:
         t = cfg.train
         self.model, self.name, self.total_steps, self.seed = model, cfg.method.name, total_steps, t.seed

@@ -86,6 +86,8 @@ class _Target:
 class GMixout(Method):
     """Sparse GMixout; the head (and, on request, biases and norms) train densely with AdamW."""
 
+    dense_sync = False  # the target weights' dense gradients never leave the rank: only the gathered deltas do
+
     def __init__(self, model: nn.Module, cfg: Config, targets: list[str], head_prefix: str, total_steps: int) -> None:
         super().__init__(model, cfg, targets, head_prefix, total_steps)
         assert isinstance(cfg.method, GMixoutConfig)

@@ -51,6 +51,7 @@ def save_checkpoint(run_dir: Path, trainer: Any, progress: dict[str, Any], cfg: 
     meta = {
         "progress": progress, "method": method_values, "optimizer_steps": steps, "step": trainer.step,
         "schedule": [s.last_epoch for s in trainer.schedulers], "config_hash": config_hash(cfg),
+        "world_size": trainer.dist.world,
     }
     path = run_dir / CHECKPOINT
     try:
@@ -105,6 +106,11 @@ def load_checkpoint(path: Path, trainer: Any) -> dict[str, Any]:
     error, never a crash mid-step or an out-of-range index handed to a kernel.
     """
     meta = read_checkpoint_meta(path)
+    world = int(meta.get("world_size", 1))
+    if world != trainer.dist.world:  # each rank's RNG stream and shard follow the world size it started with
+        launch = type(trainer.dist)(0, world).launch
+        raise UserError(f"{path} was written by a run of {world} process(es), this one has {trainer.dist.world}: "
+                        f"resume with the same number, `{launch} --resume {path.parent}`")
     try:
         tensors = load_file(str(path))
     except Exception:  # noqa: BLE001 - a truncated or overwritten data section

@@ -16,6 +16,7 @@ import errno
 import json
 import math
 import os
+import signal
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +42,7 @@ from gmixout_cli.eval import evaluate_domains, ood_sets
 from gmixout_cli.methods.registry import method_model_config
 from gmixout_cli.models import BuiltModel, build_model, save_classifier
 from gmixout_cli.training.checkpoint import CHECKPOINT, load_checkpoint, read_checkpoint_meta, save_checkpoint
+from gmixout_cli.training.distributed import SINGLE, Dist, check_batch
 from gmixout_cli.training.linear_probe import ProbeFit, extract_features, fit_linear_probe
 from gmixout_cli.training.loop import Trainer, input_size, make_trainer
 from gmixout_cli.training.steplog import StepLogger
@@ -71,18 +73,21 @@ class Prepared:
 
 
 def finetune(cfg: Config, run_dir: Path, console: Console, resume: bool = False,
-             on_step: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+             on_step: Callable[[int, int], None] | None = None, dist: Dist = SINGLE) -> dict[str, Any]:
     """Train (or continue from run_dir's checkpoint), export the merged dense model, evaluate in and out of
     domain; returns results.json's content. `on_step(step, total_steps)` follows training (`gmixout compare`'s
-    progress over many runs)."""
+    progress over many runs). With several processes (`dist`) every rank trains its share of each batch and
+    rank 0 alone exports and evaluates; the other ranks return {} after training."""
     with stop_on_signals() as stop:
         try:
-            run = prepare(cfg, run_dir, console, resume)
+            run = prepare(cfg, run_dir, console, resume, dist)
         except StopNow:
             raise Interrupted(f"stopped by {stop.requested} before training started; nothing was trained: run the "
                               "same command again", stop.exit_code) from None
         stop.immediate = False
         train_time, images = train(cfg, run_dir, console, run, stop, on_step)
+        if not dist.main:
+            return {}
         weights_path = export(cfg, run_dir, console, run, stop)
         stop.immediate = True
         try:
@@ -97,15 +102,16 @@ def finetune(cfg: Config, run_dir: Path, console: Console, resume: bool = False,
     return results
 
 
-def prepare(cfg: Config, run_dir: Path, console: Console, resume: bool) -> Prepared:
+def prepare(cfg: Config, run_dir: Path, console: Console, resume: bool, dist: Dist = SINGLE) -> Prepared:
     """Check every image, build the model (and its linear-probe head), the loader and the trainer."""
     t = cfg.train
+    check_batch(dist, t.batch_size, t.micro_batch_size)
     torch.manual_seed(t.seed)
     if t.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
         torch.backends.cudnn.benchmark = False
-    device = resolve_device(t.device)
+    device = dist.device(resolve_device(t.device))
     data = load_domain(cfg.data)
     # every image and every class set is checked now, not after an hour of training
     data, skipped = verify_domain_data(data, cfg.data.unreadable, cfg.data.num_workers)
@@ -116,7 +122,8 @@ def prepare(cfg: Config, run_dir: Path, console: Console, resume: bool) -> Prepa
     eval_tf = build_transform(image_size, built.mean, built.std, train=False)
     train_tf = build_transform(image_size, built.mean, built.std, True, cfg.data.hflip, cfg.data.crop_scale)
     loader, sampler = make_train_loader(data.train, train_tf, t.batch_size, cfg.data.num_workers, t.seed,
-                                        drop_last=len(data.train) > t.batch_size)
+                                        drop_last=len(data.train) > t.batch_size,
+                                        shard=dist.shard if dist.enabled else None)
     total_steps = min(t.epochs * len(sampler), t.max_steps or t.epochs * len(sampler))
     skipped += skipped_ood
     note = f"; [yellow]skipped {skipped} unreadable images[/]" if skipped else ""
@@ -136,12 +143,12 @@ def prepare(cfg: Config, run_dir: Path, console: Console, resume: bool) -> Prepa
         held_out = f", held-out top-1 {probe.val_top1:.3f}" if probe.val_top1 is not None else ""
         console.print(f"[bold]head[/] linear probe on frozen features (l2={probe.l2:g}, chosen on the held-out "
                       f"split): train top-1 {probe.train_top1:.3f}{held_out}")
-    if not resume:
+    if not resume and dist.main:
         head_state = {k: v.detach().cpu().contiguous() for k, v in built.head.state_dict().items()}
         save_safetensors(run_dir / "init_head.safetensors", head_state,
                          {"head_prefix": built.head_prefix, "head_init": built.head_init})
 
-    trainer = make_trainer(cfg, built, device, total_steps)
+    trainer = make_trainer(cfg, built, device, total_steps, dist)
     progress = {"epoch": 0, "batch": 0}
     if resume:
         progress = load_checkpoint(run_dir / CHECKPOINT, trainer)["progress"]
@@ -154,33 +161,42 @@ def train(cfg: Config, run_dir: Path, console: Console, run: Prepared, stop: Sto
           on_step: Callable[[int, int], None] | None = None) -> tuple[float, int]:
     """The training steps; returns (seconds, images). A stop signal ends it with a checkpoint of the step."""
     t, trainer, progress = cfg.train, run.trainer, run.progress
-    console.print(f"[bold]train[/] {cfg.method.name}: {run.total_steps} steps of {t.batch_size} images on "
+    dist = trainer.dist
+    ranks = f" ({dist.world} processes, {t.batch_size // dist.world} images each)" if dist.enabled else ""
+    console.print(f"[bold]train[/] {cfg.method.name}: {run.total_steps} steps of {t.batch_size} images{ranks} on "
                   f"{run.device}; " + ", ".join(f"{k}={v}" for k, v in run.summary.items()))
+    # a domain smaller than a batch is one batch of it all
+    global_batch = trainer.global_batch = min(t.batch_size, len(run.data.train))
     if run.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(run.device)
 
     def checkpoint() -> Path:
+        if not dist.main:  # every rank holds the same state: rank 0 writes it
+            return run_dir / CHECKPOINT
         with stop.deferred():
             return save_checkpoint(run_dir, trainer, progress, cfg)
 
     def stopped(path: Path) -> Interrupted:
         return Interrupted(f"stopped by {stop.requested} at step {trainer.step}; checkpoint {path}; resume with "
-                           f"`gmixout finetune --resume {run_dir}`", stop.exit_code)
+                           f"`{dist.launch} --resume {run_dir}`", stop.exit_code)
 
     with StepLogger(run_dir, console, run.total_steps, trainer.step, t.log_every, t.batch_size,
-                    t.tensorboard) as log:
+                    t.tensorboard and dist.main, record=dist.main) as log:
         try:
             while trainer.step < run.total_steps:
                 run.sampler.set_epoch(progress["epoch"], progress["batch"])
                 for x, y in _batches(run.loader, stop):
-                    loss = trainer.train_step(x, y)
+                    loss, stop_any = dist.agree(trainer.train_step(x, y), bool(stop.requested))
+                    if stop_any and not stop.requested:  # every rank stops after the same step
+                        stop.requested, stop.signum = "a stop signal to another process", signal.SIGTERM
                     progress["batch"] += 1
                     if not math.isfinite(loss):
                         raise Diverged(f"loss became {loss} at step {trainer.step}: lower train.lr or use "
                                         "train.precision=fp32 (the last checkpoint, if any, is intact)")
                     log.step(trainer.step, progress["epoch"] + 1, loss, trainer.lr, peak_memory_bytes(run.device),
-                             y.numel())
-                    if on_step:
+                             global_batch if dist.enabled else y.numel(),
+                             comm_bytes=trainer.comm_bytes if dist.enabled else None)
+                    if on_step and dist.main:
                         on_step(trainer.step, run.total_steps)
                     if progress["batch"] == len(run.sampler):
                         progress.update(epoch=progress["epoch"] + 1, batch=0)
@@ -246,7 +262,7 @@ def evaluate(cfg: Config, run_dir: Path, console: Console, run: Prepared, weight
         "train_time_s": 0.0, "images_per_s": 0.0, "peak_memory_bytes": peak_memory_bytes(run.device),
         "device": str(run.device), "image_size": run.image_size, "method_summary": run.summary,
         "linear_probe": dataclasses.asdict(run.probe) if run.probe else None, "skipped_unreadable": run.skipped,
-        "split": run.data.split_source,
+        "split": run.data.split_source, "world_size": run.trainer.dist.world,
         "weights": str(weights_path), "environment": environment(run.device),
     }
 

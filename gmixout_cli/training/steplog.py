@@ -18,8 +18,8 @@ class StepLogger:
     """Averages the loss over `log_every` steps and writes one record per window."""
 
     def __init__(self, run_dir: Path, console: Console, total_steps: int, start_step: int, log_every: int,
-                 batch_size: int, tensorboard: bool) -> None:
-        self.path = run_dir / "metrics.jsonl"
+                 batch_size: int, tensorboard: bool, record: bool = True) -> None:
+        self.path = run_dir / "metrics.jsonl" if record else None  # other ranks than 0 record nothing
         self.console, self.total, self.log_every, self.batch_size = console, total_steps, log_every, batch_size
         self.writer = _tensorboard_writer(run_dir) if tensorboard else None
         self.start = self.window_start = time.perf_counter()
@@ -45,8 +45,10 @@ class StepLogger:
         if self.writer:
             self.writer.close()
 
-    def step(self, step: int, epoch: int, loss: float, lr: float, memory_bytes: int, images: int) -> None:
-        """Account one optimizer step; write a record at the end of each window and at the last step."""
+    def step(self, step: int, epoch: int, loss: float, lr: float, memory_bytes: int, images: int,
+             comm_bytes: int | None = None) -> None:
+        """Account one optimizer step; write a record at the end of each window and at the last step.
+        `comm_bytes`: gradient bytes this rank all-reduced in the step (several processes)."""
         self.window_loss, self.window_n, self.images = self.window_loss + loss, self.window_n + 1, self.images + images
         if self.progress and self.task is not None:
             self.progress.update(self.task, completed=step, loss=f"{loss:.4f}")
@@ -58,6 +60,11 @@ class StepLogger:
             "images_per_s": self.window_n * self.batch_size / max(now - self.window_start, 1e-9),
             "memory_bytes": memory_bytes, "elapsed_s": now - self.start,
         }
+        if comm_bytes is not None:
+            record["comm_bytes_per_step"] = comm_bytes
+        if self.path is None:
+            self.window_start, self.window_loss, self.window_n = now, 0.0, 0
+            return
         append_jsonl(self.path, record)
         if self.writer:
             for key in ("loss", "lr", "images_per_s", "memory_bytes"):

@@ -1,0 +1,119 @@
+"""Several processes through torchrun (2 gloo ranks on CPU): the same weights as one process, resume after SIGKILL."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from conftest import TINY_ARGS, write_domains
+from gmixout_cli.errors import UserError
+from gmixout_cli.training.distributed import Dist, check_batch
+
+ARGS = TINY_ARGS
+
+
+def torchrun(*args: str, cwd: Path) -> subprocess.Popen:
+    """`torchrun --standalone --nproc_per_node 2 -m gmixout_cli ...`."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
+    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             "-m", "gmixout_cli", *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def finished(proc: subprocess.Popen, timeout: float = 300) -> str:
+    out, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, out[-3000:]
+    return out
+
+
+def children(pid: int) -> list[int]:
+    """The processes whose parent is `pid` (Linux /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def weights(run: Path) -> dict:
+    return load_file(str(run / "model.safetensors"))
+
+
+def test_a_rank_takes_a_contiguous_share_and_the_batch_must_split() -> None:
+    shares = [Dist(r, 3).shard(8) for r in range(3)]
+    assert [(s.start, s.stop) for s in shares] == [(0, 3), (3, 6), (6, 8)]
+    check_batch(Dist(0, 2), 8, 4)
+    with pytest.raises(UserError, match="does not split over 3 processes"):
+        check_batch(Dist(0, 3), 8, None)
+    with pytest.raises(UserError, match="train.micro_batch_size=3 does not divide"):
+        check_batch(Dist(0, 2), 8, 3)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["gmixout", "full", "lora"])
+def test_two_ranks_give_the_weights_of_one_process_with_the_same_global_batch(
+        cli, tmp_path: Path, monkeypatch, method: str) -> None:  # noqa: ANN001
+    monkeypatch.chdir(tmp_path)
+    write_domains(tmp_path / "data")
+    extra = [f"method.name={method}", *(["method.k=2"] if method == "gmixout" else [])]
+    # one process, the global batch of 8 in two micro-batches of 4: the same sums, in the same order, as two
+    # ranks of 4 whose gradients are all-reduced, so the weights agree to the last bit
+    code, _, err = cli("finetune", "-d", "data/src", *ARGS, *extra, "train.micro_batch_size=4", "--out", "one")
+    assert code == 0, err
+    out = finished(torchrun("finetune", "-d", "data/src", *ARGS, *extra, "--out", "two", cwd=tmp_path))
+    assert "2 processes, 4 images each" in out
+    one, two = weights(tmp_path / "one"), weights(tmp_path / "two")
+    assert one.keys() == two.keys()
+    for key in one:
+        assert (one[key] - two[key]).abs().max().item() <= 1e-6, key
+    results = json.loads((tmp_path / "two" / "results.json").read_text())
+    assert results["world_size"] == 2 and results["steps"] == json.loads((tmp_path / "one" / "results.json")
+                                                                          .read_text())["steps"]
+    records = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    sent = records[0]["comm_bytes_per_step"]
+    dense = sum(v.numel() * 4 for v in one.values() if v.dtype.is_floating_point)
+    if method == "gmixout":  # about 1-p of the target entries, plus the dense head
+        assert 0 < sent < 0.2 * dense
+    elif method == "full":
+        assert sent > 0.5 * dense
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the ranks through /proc")
+def test_a_two_rank_run_killed_with_sigkill_resumes_to_the_uninterrupted_weights(
+        cli, tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+    monkeypatch.chdir(tmp_path)
+    write_domains(tmp_path / "data")
+    args = ["-d", "data/src", *TINY_ARGS, "train.epochs=30", "method.name=gmixout", "method.k=3"]
+    proc = torchrun("finetune", *args, "train.checkpoint_every=2", "--out", "killed", cwd=tmp_path)
+    checkpoint = tmp_path / "killed" / "checkpoint.safetensors"
+    deadline = time.monotonic() + 120
+    while not checkpoint.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    for pid in [*children(proc.pid), proc.pid]:  # both ranks (torchrun puts them in sessions of their own), then it
+        os.kill(pid, signal.SIGKILL)
+    out, _ = proc.communicate()
+    assert checkpoint.is_file() and not (tmp_path / "killed" / "results.json").exists(), out[-3000:]
+
+    code, _, err = cli("finetune", "--resume", "killed")  # one process cannot continue a 2-rank run
+    assert code == 2 and "2 process(es), this one has 1" in err and "--nproc_per_node 2" in err
+
+    out = finished(torchrun("finetune", "--resume", "killed", cwd=tmp_path))
+    assert "resumed" in out
+    code, _, err = cli("finetune", *args, "train.micro_batch_size=4", "--out", "whole")
+    assert code == 0, err
+    resumed, whole = weights(tmp_path / "killed"), weights(tmp_path / "whole")
+    for key in whole:
+        assert (resumed[key] - whole[key]).abs().max().item() <= 1e-6, key
