@@ -96,12 +96,16 @@ def sample_filter_indices(shape: torch.Size, p: float, seed: int, device: torch.
     the structured mask of HR-Mixout for convolutions (a kept filter trains all its input weights)."""
     rows = shape[0]
     per_row = math.prod(shape[1:])
+    if device.type == "meta":  # a memory prediction: the expected size, no values
+        return torch.empty(round((1.0 - p) * rows) * per_row, dtype=torch.int32, device=device)
     kept = torch.nonzero(keep_mask(rows, p, seed, device)).flatten()
     return (kept[:, None] * per_row + torch.arange(per_row, device=device)).flatten().to(torch.int32)
 
 
 def sample_indices(numel: int, p: float, seed: int, device: torch.device, exact: bool = False) -> torch.Tensor:
     """Sorted int32 flat indices of the kept entries (Bernoulli 1-p, or exactly round((1-p)*numel))."""
+    if device.type == "meta":  # a memory prediction: the expected size, no values
+        return torch.empty(round((1.0 - p) * numel), dtype=torch.int32, device=device)
     if exact:  # a seeded permutation on the CPU: the same on every device, fine once per episode
         keep = round((1.0 - p) * numel)
         gen = torch.Generator().manual_seed(seed)

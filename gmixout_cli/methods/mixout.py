@@ -87,6 +87,8 @@ class MixoutParametrization(nn.Module):
 
     def mask(self) -> torch.Tensor:
         """The keep mask (True = θ) of the current training forward; the same on every read within it."""
+        if self.u.is_meta:  # a memory prediction: the mask's shape and size, no values
+            return torch.empty(self.u.shape, dtype=torch.bool, device=self.u.device)
         if self._gen is None or self._gen.device != self.u.device:
             self._gen = torch.Generator(device=self.u.device)
         key = (self.seed * _SEED_STRIDE + self.shared.draw) * _SEED_STRIDE + self.index

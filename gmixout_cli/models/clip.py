@@ -96,7 +96,9 @@ def create_clip(config: dict, arch: str, pretrained: str | None = None) -> nn.Mo
     try:
         with registered_config(config, arch) as key:
             # pretrained_hf (alias of 3.x's pretrained_text) keeps HF text towers from downloading weights.
-            return open_clip.create_model(key, pretrained=pretrained, pretrained_hf=False)
+            # the default device: the CPU, or the meta device when `gmixout profile --predict` wants shapes only
+            return open_clip.create_model(key, pretrained=pretrained, pretrained_hf=False,
+                                          device=torch.get_default_device())
     finally:
         logging.getLogger().removeFilter(quiet)
 

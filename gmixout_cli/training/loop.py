@@ -66,7 +66,7 @@ class Trainer:
                 loss = F.cross_entropy(forward(xc), yc) * (len(yc) / n)  # this chunk's share of the batch mean
                 phase("forward")
                 (loss * scale if scale != 1 else loss).backward()  # gradients accumulate over micro-batches
-            total += loss.item()
+            total += loss.item() if not loss.is_meta else 0.0  # meta: `gmixout profile --predict`
             phase("backward")
         self.method.after_backward()
         if self.dist.enabled and self.ddp is None:  # GMixout: only the sparse delta gradients and the head

@@ -1,0 +1,61 @@
+"""`gmixout profile --predict`: the predicted peak against the measured one on this CPU, and the command."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+
+from gmixout_cli.config import load_config
+from gmixout_cli.profiling.predict import activation_ratio, measure, predict
+
+
+def _cfg(model: str, method: str, batch: int, *extra: str):  # noqa: ANN202
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the default recipe's GMixout fields, left out for other methods
+        return load_config(None, [f"method.name={method}", f"train.batch_size={batch}", "train.precision=fp32",
+                                  *extra], {"model.name": model})
+
+
+@pytest.mark.parametrize(("model", "method", "extra"), [
+    ("timm:test_vit", "full", ()),
+    ("timm:test_vit", "gmixout", ()),
+    ("timm:test_vit", "lora", ("train.grad_checkpointing=true",)),
+    ("timm:test_vit", "mixout", ("train.micro_batch_size=8",)),
+    ("timm:test_efficientnet", "gmixout", ("data.image_size=96", "train.micro_batch_size=8", "method.mask=filter")),
+])
+def test_the_predicted_peak_is_within_15_percent_of_the_measured_one(model: str, method: str, extra: tuple) -> None:
+    cfg = _cfg(model, method, 16, *extra)
+    predicted = predict(cfg, 10, 1 << 40)
+    measured = measure(cfg, 10, torch.device("cpu"))
+    assert 0.85 <= predicted["predicted_peak_bytes"] / measured <= 1.15, (predicted["breakdown"], measured)
+    parts = predicted["breakdown"]
+    assert parts["weights"] > 0 and parts["activations"] > 0
+    assert predicted["predicted_peak_bytes"] == sum(parts.values())
+
+
+def test_gmixout_holds_a_tenth_of_full_fine_tunings_optimizer_state() -> None:
+    full = predict(_cfg("timm:test_vit", "full", 4), 10, 1 << 40)["breakdown"]["optimizer_state"]
+    sparse = predict(_cfg("timm:test_vit", "gmixout", 4), 10, 1 << 40)["breakdown"]["optimizer_state"]
+    assert 0 < sparse < 0.3 * full
+
+
+def test_bf16_autocast_saves_smaller_activations_by_cuda_rules() -> None:
+    ratio = activation_ratio(_cfg("timm:test_vit", "full", 4, "train.precision=bf16"), 10)
+    assert 0.4 < ratio < 0.95  # matmul inputs and outputs in bf16, layer norms and the residual stream in fp32
+
+
+def test_profile_predict_prints_a_breakdown_per_method_and_a_verdict(cli) -> None:  # noqa: ANN001
+    code, out, err = cli("profile", "--predict", "--json", "--model", "timm:test_vit", "train.batch_size=4",
+                         "--budget", "0.5")
+    assert code == 0, err
+    report = json.loads(out)
+    assert set(report["predictions"]) == {"gmixout", "full", "lora r=8"}
+    for row in report["predictions"].values():
+        assert row["kind"] == "prediction" and row["fits"] is False  # 0.5 GiB holds not even the CUDA context
+        assert row["predicted_peak_bytes"] == sum(row["breakdown"].values())
+    code, out, err = cli("profile", "--predict", "--model", "timm:test_vit", "train.batch_size=4", "--budget", "24")
+    assert code == 0, err
+    assert "predicted CUDA peak" in out and "fits" in out and "lora r=8" in out
