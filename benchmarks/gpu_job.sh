@@ -28,14 +28,20 @@ save_runs() {  # the PACS runs' small files (no weights) for the next call; WiSE
 
 case "${1:-check}" in
   check)
-    # Kernels on CUDA against their references, then one step benchmark: ViT-B/16, batch 128, bf16, full vs
-    # LoRA r=8 vs GMixout, with and without activation checkpointing (step time, peak memory, ratios).
-    # Not yet here: the memory predictor (gmixout profile --predict) and the 2-GPU check (no DDP yet).
+    # Kernels on CUDA against their references; one step benchmark: ViT-B/16, batch 128, bf16, full vs LoRA r=8
+    # vs GMixout, with and without activation checkpointing (step time, peak memory, ratios); the memory
+    # predictor against max_memory_allocated for the same three; with two GPUs, 2 ranks (NCCL) against one.
     TRITON_INTERPRET=0 timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py \
       tests/test_kernel_targets.py 2>&1 | tee "$OUT/kernel_tests.log"
-    timeout 300 python3 -m benchmarks.step_bench --archs ViT-B-16 --batches 128 --methods full,lora_r8,gmixout \
+    timeout 240 python3 -m benchmarks.step_bench --archs ViT-B-16 --batches 128 --methods full,lora_r8,gmixout \
       --checkpointing both --out "$OUT/step_bench_b16_b128.json" 2>&1 | tee "$OUT/step_bench_b16_b128.log"
+    timeout 120 python3 -m benchmarks.predict_memory validate --gpu \
+      --out "$OUT/memory_predictor_validation_cuda.json" 2>&1 | tee "$OUT/memory_predictor.log"
     nvidia-smi -L 2>/dev/null | tee "$OUT/gpus.txt"
+    if [ "$(nvidia-smi -L 2>/dev/null | wc -l)" -ge 2 ]; then
+      GMIXOUT_TEST_DEVICE=cuda timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_distributed.py \
+        2>&1 | tee "$OUT/two_gpus.log"
+    fi
     ;;
   engine)
     TRITON_INTERPRET=0 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_epilogue_gather.py \

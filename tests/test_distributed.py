@@ -17,7 +17,9 @@ from conftest import TINY_ARGS, write_domains
 from gmixout_cli.errors import UserError
 from gmixout_cli.training.distributed import Dist, check_batch
 
-ARGS = TINY_ARGS
+# the CPU (gloo) by default, also on a GPU machine; benchmarks/gpu_job.sh sets cuda where two GPUs exist (NCCL)
+DEVICE = os.environ.get("GMIXOUT_TEST_DEVICE", "cpu")
+ARGS = [*TINY_ARGS, f"train.device={DEVICE}"]
 
 
 def torchrun(*args: str, cwd: Path) -> subprocess.Popen:
@@ -96,7 +98,7 @@ def test_a_two_rank_run_killed_with_sigkill_resumes_to_the_uninterrupted_weights
         cli, tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
     monkeypatch.chdir(tmp_path)
     write_domains(tmp_path / "data")
-    args = ["-d", "data/src", *TINY_ARGS, "train.epochs=30", "method.name=gmixout", "method.k=3"]
+    args = ["-d", "data/src", *ARGS, "train.epochs=30", "method.name=gmixout", "method.k=3"]
     proc = torchrun("finetune", *args, "train.checkpoint_every=2", "--out", "killed", cwd=tmp_path)
     checkpoint = tmp_path / "killed" / "checkpoint.safetensors"
     deadline = time.monotonic() + 120

@@ -123,15 +123,15 @@ def compare(
 
 
 def _print_plan(comparison, folder: Path) -> None:  # noqa: ANN001 - a Comparison
-    from gmixout_cli.compare.estimate import estimate, images_per_run
+    from gmixout_cli.compare.estimate import estimate, measured_step_s
     from gmixout_cli.compare.plan import RunKey
     from gmixout_cli.compare.progress import clock
 
     plan = comparison.plan
     pending = {r.label: sum(not comparison.finished(r, RunKey(r.label, v, plan.seeds[0])) for v in r.grid)
                + len(plan.seeds) - 1 for r in plan.rows}
-    cfg = plan.config(plan.rows[0], plan.rows[0].grid[0], plan.seeds[0])
-    seconds = estimate(plan, comparison.steps, pending, images_per_run(cfg) // 3)
+    measured = measured_step_s(folder / "runs")
+    seconds = estimate(plan, comparison.steps, pending, measured)
     table = Table(title=f"gmixout compare: the plan ({folder})")
     for col in ("row", "overrides", "tuned", "grid", "runs", "to run", "estimate"):
         table.add_column(col)
@@ -142,5 +142,7 @@ def _print_plan(comparison, folder: Path) -> None:  # noqa: ANN001 - a Compariso
     console.print(table)
     console.print(f"seeds {plan.seeds}; {comparison.steps} optimizer steps per run; WiSE-FT on "
                   f"{', '.join(plan.wise) or 'no row'} at alphas {plan.alphas}")
-    console.print(f"[bold]estimated time[/] {clock(sum(seconds.values()))} on this machine (timed steps; a grid "
+    pace = f"the pace of this comparison's finished {', '.join(sorted(measured))} runs, else timed steps" \
+        if measured else "timed steps"
+    console.print(f"[bold]estimated time[/] {clock(sum(seconds.values()))} on this machine ({pace}; a grid "
                   f"that grows past an edge adds a run each time, at most {plan.max_extensions} per row)")

@@ -1,20 +1,32 @@
 """How long a comparison will take, from a few timed training steps per method on this machine.
 
-Per run: planned steps x the timed step, plus every image the run decodes and scores (checked once,
-the linear probe's features, the held-out and out-of-domain evaluation) x the timed per-image cost.
+Per run: planned steps x the timed step, plus every image the run decodes (the up-front check) and
+scores (the linear probe's features, the held-out and out-of-domain evaluation) x the timed costs of
+decoding one image (spread over the loader's workers) and of scoring it in a warm evaluation batch.
 Grid extensions (a best value at an edge) add runs the plan cannot know in advance.
 """
 
 from __future__ import annotations
 
+import json
+import statistics
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from gmixout_cli.compare.plan import Plan, Row
 from gmixout_cli.config import Config
-from gmixout_cli.data import build_transform, load_domain, load_eval_domain, read_image, sibling_domains
+from gmixout_cli.data import (
+    build_transform,
+    load_domain,
+    load_eval_domain,
+    make_train_loader,
+    read_image,
+    sibling_domains,
+)
+from gmixout_cli.eval import autocast
 from gmixout_cli.methods.registry import method_model_config
 from gmixout_cli.models import build_model
 from gmixout_cli.training import input_size, make_trainer
@@ -24,54 +36,92 @@ from gmixout_cli.utils.memory import resolve_device
 @dataclass
 class Timing:
     step_s: float  # one optimizer step
-    image_s: float  # decoding, transforming and scoring one image
+    decode_s: float  # reading and transforming one image (the up-front check does only this)
+    forward_s: float  # scoring one image in an evaluation batch, warm
 
 
-def time_row(cfg: Config, steps: int = 3) -> Timing:
-    """Time `steps` training steps (after one warm-up) of the row's method on random batches."""
+def time_row(cfg: Config, steps: int = 4) -> Timing:
+    """Time `steps` training steps (after one warm-up) of the row's method on the domain's own batches, the
+    decoding of a sample of the training images, and a warm evaluation batch."""
     device = resolve_device(cfg.train.device)
     data = load_domain(cfg.data)
     built = build_model(method_model_config(cfg), data.classes, cfg.train.seed)
     built.model.to(device)
     size = input_size(cfg, built)
     trainer = make_trainer(cfg, built, device, steps + 1)
-    b = cfg.train.batch_size
-    x, y = torch.randn(b, 3, size, size), torch.randint(len(data.classes), (b,))
-    trainer.train_step(x, y)
+    # real batches through the run's own loader: its workers decode and augment beside the step, as in a run
+    train_tf = build_transform(size, built.mean, built.std, True, cfg.data.hflip, cfg.data.crop_scale)
+    loader, sampler = make_train_loader(data.train, train_tf, cfg.train.batch_size, cfg.data.num_workers,
+                                        cfg.train.seed, drop_last=len(data.train) > cfg.train.batch_size)
+    batches = iter(loader)
+    trainer.train_step(*next(batches))  # warm-up: worker start, allocator, optimizer state
     t0 = time.perf_counter()
-    for _ in range(steps):
+    timed = 0
+    for x, y in batches:
         trainer.train_step(x, y)
-    step_s = (time.perf_counter() - t0) / steps
+        timed += 1
+        if timed == steps:
+            break
+    step_s = (time.perf_counter() - t0) / max(timed, 1)
+    del batches, loader
     built.model.eval()
     tf = build_transform(size, built.mean, built.std, train=False)
-    sample = data.train[:: max(1, len(data.train) // 16)][:16]
+    sample = data.train[:: max(1, len(data.train) // 32)][:32]
     t0 = time.perf_counter()
-    batch = torch.stack([tf(read_image(path)) for path, _ in sample])
-    with torch.no_grad():
-        built.model(batch.to(device))
-    return Timing(step_s, (time.perf_counter() - t0) / len(sample))
+    for path, _ in sample:
+        tf(read_image(path))
+    decode_s = (time.perf_counter() - t0) / len(sample)
+    batch = torch.randn(cfg.train.eval_batch_size, 3, size, size, device=device)
+    with torch.no_grad(), autocast(device, cfg.train.precision):
+        built.model(batch)  # warm-up: the first batch pays one-time costs
+        t0 = time.perf_counter()
+        built.model(batch)
+    forward_s = (time.perf_counter() - t0) / len(batch)
+    # loader workers decode in parallel with the model
+    workers = max(1, cfg.data.num_workers)
+    return Timing(step_s, decode_s / workers, forward_s)
 
 
-def images_per_run(cfg: Config) -> int:
-    """Images a run decodes or scores besides training: the up-front check, probe features, evaluation."""
+def images_per_run(cfg: Config) -> tuple[int, int, int]:
+    """Images of a run besides training: (checked once up front, scored by the probe's features and the
+    evaluation, scored by one evaluation: held-out and siblings, as each WiSE-FT alpha does)."""
     data = load_domain(cfg.data)
     ood = sum(len(load_eval_domain(data, d)) for d in sibling_domains(data, cfg.data.ood))
     own = len(data.train) + len(data.val)
-    return 2 * (own + ood) + own  # checked once, scored once (+ the probe's features of train and val)
+    return own + ood, own + len(data.val) + ood, len(data.val) + ood
 
 
-def estimate(plan: Plan, steps_per_run: int, pending: dict[str, int], wise_images: int) -> dict[str, float]:
-    """Seconds per row for its `pending` runs (and WiSE-FT evaluations), from timings on this machine."""
+def measured_step_s(runs: Path) -> dict[str, float]:
+    """Per method, the median seconds per training step of the finished runs under `runs` (a comparison that
+    continues knows its own pace better than a few timed steps)."""
+    paces: dict[str, list[float]] = {}
+    for path in runs.glob("*/*/results.json"):
+        try:
+            r = json.loads(path.read_text())
+            paces.setdefault(str(r["method"]), []).append(float(r["train_time_s"]) / int(r["steps"]))
+        except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError):
+            continue
+    return {m: statistics.median(v) for m, v in paces.items()}
+
+
+def estimate(plan: Plan, steps_per_run: int, pending: dict[str, int],
+             measured: dict[str, float] | None = None) -> dict[str, float]:
+    """Seconds per row for its `pending` runs (and WiSE-FT evaluations), from timings on this machine; a method's
+    step time from `measured` (finished runs) where given."""
     out: dict[str, float] = {}
     timings: dict[str, Timing] = {}
     for row in plan.rows:
         cfg = _row_cfg(plan, row)
         if cfg.method.name not in timings:
             timings[cfg.method.name] = time_row(cfg)
+            if measured and cfg.method.name in measured:
+                timings[cfg.method.name].step_s = measured[cfg.method.name]
         t = timings[cfg.method.name]
-        seconds = pending[row.label] * (steps_per_run * t.step_s + images_per_run(cfg) * t.image_s)
+        checked, scored, evaluated = images_per_run(cfg)
+        per_image = t.decode_s + t.forward_s
+        seconds = pending[row.label] * (steps_per_run * t.step_s + checked * t.decode_s + scored * per_image)
         if row.label in plan.wise:
-            seconds += len(plan.seeds) * (len(plan.alphas) - 1) * wise_images * t.image_s
+            seconds += len(plan.seeds) * (len(plan.alphas) - 1) * evaluated * per_image
         out[row.label] = seconds
     return out
 

@@ -70,15 +70,15 @@ def _fused_attention() -> Iterator[None]:
     device would take the math path, which keeps every attention matrix for the backward pass."""
     real = F.scaled_dot_product_attention
 
-    def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None,
+    def sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None = None,
              dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None,
              enable_gqa: bool = False) -> torch.Tensor:
-        if enable_gqa or not (q.is_meta or q.is_cuda and attn_mask is None):
-            return real(q, k, v, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa)
-        if q.is_meta:
+        if enable_gqa or not (query.is_meta or query.is_cuda and attn_mask is None):
+            return real(query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa)
+        if query.is_meta:
             return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-                q, k, v, dropout_p, is_causal, attn_mask=attn_mask, scale=scale)[0]
-        return torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, dropout_p, is_causal, False,
+                query, key, value, dropout_p, is_causal, attn_mask=attn_mask, scale=scale)[0]
+        return torch.ops.aten._scaled_dot_product_flash_attention(query, key, value, dropout_p, is_causal, False,
                                                                   scale=scale)[0]
 
     F.scaled_dot_product_attention = sdpa
