@@ -119,3 +119,28 @@ def test_a_two_rank_run_killed_with_sigkill_resumes_to_the_uninterrupted_weights
     resumed, whole = weights(tmp_path / "killed"), weights(tmp_path / "whole")
     for key in whole:
         assert (resumed[key] - whole[key]).abs().max().item() <= 1e-6, key
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_launcher_stops_every_rank_after_the_same_step_with_a_checkpoint(
+        tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+    monkeypatch.chdir(tmp_path)
+    write_domains(tmp_path / "data")
+    args = ["-d", "data/src", *ARGS, "train.epochs=40", "method.name=full"]
+    proc = torchrun("finetune", *args, "--out", "stopped", cwd=tmp_path)
+    metrics = tmp_path / "stopped" / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 3) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)  # torchrun passes it on to both ranks, as Slurm or Ctrl-C would
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    said = [line for line in out.splitlines() if line.startswith("stopped by")]
+    assert len(said) == 1 and "torchrun --nproc_per_node 2 -m gmixout_cli finetune --resume stopped" in said[0], out
+    step = int(said[0].split("at step ")[1].split(";")[0])
+    from gmixout_cli.training.checkpoint import read_checkpoint_meta
+
+    meta = read_checkpoint_meta(tmp_path / "stopped" / "checkpoint.safetensors")
+    assert meta["step"] == step and meta["world_size"] == 2
+    out = finished(torchrun("finetune", "--resume", "stopped", cwd=tmp_path))
+    assert (tmp_path / "stopped" / "results.json").is_file()
