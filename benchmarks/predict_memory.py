@@ -3,6 +3,8 @@
     python -m benchmarks.predict_memory validate            # CPU: small configs, fp32 (profiler memory view)
     python -m benchmarks.predict_memory validate --gpu      # a GPU: ViT-B/16 batch 128 bf16 (max_memory_allocated)
     python -m benchmarks.predict_memory predict             # ViT-B/16 b128 and ViT-L/14 b64, bf16, +/- checkpointing
+    python -m benchmarks.predict_memory predict --model open_clip:ViT-bigG-14:laion2b_s39b_b160k --batch 32 \
+        --out benchmarks/results/memory_predictor_predictions_bigg.json
 
 `validate` runs each config's second training step with random weights on this device and compares its
 measured peak with the prediction (ratio = predicted / measured). On a CPU the configs run in fp32: CPU
@@ -68,9 +70,9 @@ def validate(gpu: bool) -> dict[str, Any]:
             "max_abs_error": max(abs(r["ratio"] - 1) for r in rows)}
 
 
-def predictions() -> dict[str, Any]:
+def predictions(big: list[tuple[str, int]]) -> dict[str, Any]:
     rows = []
-    for model, batch in BIG:
+    for model, batch in big:
         for ckpt in (False, True):
             for label, extra in METHODS.items():
                 ckpt_key = f"train.grad_checkpointing={str(ckpt).lower()}"
@@ -93,10 +95,13 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     ap.add_argument("mode", choices=["validate", "predict"])
     ap.add_argument("--gpu", action="store_true", help="validate on CUDA (bf16 ViT-B/16 batch 128)")
+    ap.add_argument("--model", default=None, help="predict: this model (any model name) instead of ViT-B/16, ViT-L/14")
+    ap.add_argument("--batch", type=int, default=32, help="predict: the batch of --model")
     ap.add_argument("--out", type=Path, default=None, help="output JSON (default: benchmarks/results/...)")
     args = ap.parse_args(argv)
     device = torch.device("cuda" if args.gpu else "cpu")
-    body = validate(args.gpu) if args.mode == "validate" else predictions()
+    big = [(args.model, args.batch)] if args.model else BIG
+    body = validate(args.gpu) if args.mode == "validate" else predictions(big)
     name = f"memory_predictor_{'validation_' + device.type if args.mode == 'validate' else 'predictions'}.json"
     out = args.out or ROOT / "benchmarks" / "results" / name
     out.parent.mkdir(parents=True, exist_ok=True)
