@@ -33,13 +33,13 @@ case "${1:-check}" in
     # predictor against max_memory_allocated for the same three; with two GPUs, 2 ranks (NCCL) against one.
     TRITON_INTERPRET=0 timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py \
       tests/test_kernel_targets.py 2>&1 | tee "$OUT/kernel_tests.log"
-    timeout 240 python3 -m benchmarks.step_bench --archs ViT-B-16 --batches 128 --methods full,lora_r8,gmixout \
+    timeout 210 python3 -m benchmarks.step_bench --archs ViT-B-16 --batches 128 --methods full,lora_r8,gmixout \
       --checkpointing both --out "$OUT/step_bench_b16_b128.json" 2>&1 | tee "$OUT/step_bench_b16_b128.log"
     timeout 120 python3 -m benchmarks.predict_memory validate --gpu \
       --out "$OUT/memory_predictor_validation_cuda.json" 2>&1 | tee "$OUT/memory_predictor.log"
     nvidia-smi -L 2>/dev/null | tee "$OUT/gpus.txt"
     if [ "$(nvidia-smi -L 2>/dev/null | wc -l)" -ge 2 ]; then
-      GMIXOUT_TEST_DEVICE=cuda timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_distributed.py \
+      GMIXOUT_TEST_DEVICE=cuda timeout 90 python3 -m pytest -q -p no:cacheprovider tests/test_distributed.py \
         2>&1 | tee "$OUT/two_gpus.log"
     fi
     ;;
