@@ -62,8 +62,9 @@ class Trainer:
         scale = self.dist.world if self.ddp is not None else 1
         for i, (xc, yc) in enumerate(chunks):
             sync = self.ddp is None or i == len(chunks) - 1  # DDP reduces once, with the last micro-batch
-            with autocast(self.device, self.precision), (contextlib.nullcontext() if sync else self.ddp.no_sync()):
-                loss = F.cross_entropy(forward(xc), yc) * (len(yc) / n)  # this chunk's share of the batch mean
+            with contextlib.nullcontext() if sync else self.ddp.no_sync():
+                with autocast(self.device, self.precision):  # the forward pass only, as autocast asks
+                    loss = F.cross_entropy(forward(xc), yc) * (len(yc) / n)  # this chunk's share of the batch mean
                 phase("forward")
                 (loss * scale if scale != 1 else loss).backward()  # gradients accumulate over micro-batches
             total += loss.item() if not loss.is_meta else 0.0  # meta: `gmixout profile --predict`
