@@ -85,6 +85,14 @@ def test_an_id_test_domain_is_reported_apart_and_left_out_of_the_ood_mean(tmp_pa
     assert "| clean (ID test) | fog | noise | OOD mean |" in header
 
 
+def test_a_row_is_below_its_start_only_beyond_the_held_out_splits_noise() -> None:
+    from gmixout_cli.compare.report import start_gap
+
+    sized = [{"held_out_images": 600}]  # standard error at 80%: 1.6 points
+    assert not start_gap(80.0, 79.0, sized) and start_gap(80.0, 78.0, sized)
+    assert start_gap(80.0, 79.0, [{}])  # the split's size unknown: any drop counts
+
+
 @pytest.mark.parametrize(("args", "message"), [
     (["--methods", "full,nosuch"], "unknown method 'nosuch'"),
     (["--methods", "", "--variant", "frozen:method.norm_stats=frozen"], "names no method"),
@@ -125,6 +133,7 @@ def test_compare_end_to_end_resumes_and_refuses_another_budget(cli, tmp_path: Pa
         runs = [r for r in report["runs"] if r["label"] == label]
         assert len(runs) == len(grid) + 1  # the grid at seed 0, seed 1 at the kept value
         assert report["summary"][label]["id"]["n"] == 2 and report["summary"][label]["tgt2"]["n"] == 2
+        assert all(r["held_out_images"] > 0 for r in runs)
     curve = report["wise"][0]["curve"]
     assert [p["alpha"] for p in curve] == [0.0, 0.5, 1.0] and set(curve[0]["ood"]) == {"tgt", "tgt2"}
     table = (out / "compare.md").read_text()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import math
 import shlex
 import statistics
 import sys
@@ -38,6 +39,16 @@ def wise_selected(curve: list[dict[str, Any]]) -> dict[str, Any]:
     return max(curve, key=lambda p: (float(next(iter(p["id"].values()))), p["alpha"]))
 
 
+def start_gap(start: float, end: float, runs: list[dict[str, Any]]) -> bool:
+    """Whether a row ends below its start (held-out top-1 in %) by more than the held-out split's binomial
+    standard error at the start's accuracy: closer than that, the split cannot tell the two apart."""
+    sizes = [int(r["held_out_images"]) for r in runs if r.get("held_out_images")]
+    if not sizes:  # runs from before the split's size was recorded: any drop counts
+        return end < start
+    p = min(max(start / 100.0, 0.0), 1.0)
+    return start - end > 100.0 * math.sqrt(p * (1.0 - p) / min(sizes))
+
+
 def summarise(state: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """label -> the selected value's metrics over seeds (mean/std in %), its grid, edge and start flags."""
     out: dict[str, dict[str, Any]] = {}
@@ -56,7 +67,7 @@ def summarise(state: dict[str, Any]) -> dict[str, dict[str, Any]]:
         summary: dict[str, Any] = {k: mean_std([m[k] for m in metrics]) for k in metrics[0]}
         summary.update(key=row["key"], grid=grid, selected=value, at_edge=value in (min(grid), max(grid)),
                        start=mean_std(starts) if starts else None)
-        summary["below_start"] = bool(starts) and summary["id"]["mean"] < summary["start"]["mean"]
+        summary["below_start"] = bool(starts) and start_gap(summary["start"]["mean"], summary["id"]["mean"], runs)
         summary["diverged"] = sorted({r["value"] for r in state["runs"] if r["label"] == label and r.get("diverged")})
         summary["diverged_seeds"] = len(kept) - len(runs)
         out[label] = summary

@@ -214,7 +214,8 @@ class Comparison:
             "runs": [{"label": label, "value": value, "seed": seed, "dir": str(run_dir(
                 self.out, self.plan.row(label), RunKey(label, value, seed)).relative_to(self.out)),
                       **{k: r.get(k) for k in ("id", "ood", "ood_avg", "steps", "train_time_s", "linear_probe",
-                                               "method_summary", "device", "image_size", "diverged") if k in r}}
+                                               "method_summary", "device", "image_size", "diverged", "held_out_images")
+                         if k in r}}
                      for (label, value, seed), r in sorted(self.results.items(), key=lambda i: (i[0][0], i[0][2],
                                                                                                i[0][1]))],
             "wise": [{"label": label, "seed": seed, "value": self.selected[label], "curve": curve}

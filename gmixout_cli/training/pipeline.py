@@ -262,7 +262,7 @@ def evaluate(cfg: Config, run_dir: Path, console: Console, run: Prepared, weight
         "train_time_s": 0.0, "images_per_s": 0.0, "peak_memory_bytes": peak_memory_bytes(run.device),
         "device": str(run.device), "image_size": run.image_size, "method_summary": run.summary,
         "linear_probe": dataclasses.asdict(run.probe) if run.probe else None, "skipped_unreadable": run.skipped,
-        "split": run.data.split_source, "world_size": run.trainer.dist.world,
+        "split": run.data.split_source, "held_out_images": len(run.data.val), "world_size": run.trainer.dist.world,
         "weights": str(weights_path), "environment": environment(run.device),
     }
 
