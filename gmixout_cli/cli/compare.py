@@ -128,8 +128,11 @@ def _print_plan(comparison, folder: Path) -> None:  # noqa: ANN001 - a Compariso
     from gmixout_cli.compare.progress import clock
 
     plan = comparison.plan
+    def later_seeds_done(row) -> int:  # noqa: ANN001 - a Row; a later seed runs once, at the kept value
+        return sum(any((folder / "runs" / row.label).glob(f"*-s{seed}/results.json")) for seed in plan.seeds[1:])
+
     pending = {r.label: sum(not comparison.finished(r, RunKey(r.label, v, plan.seeds[0])) for v in r.grid)
-               + len(plan.seeds) - 1 for r in plan.rows}
+               + len(plan.seeds) - 1 - later_seeds_done(r) for r in plan.rows}
     measured = measured_step_s(folder / "runs")
     seconds = estimate(plan, comparison.steps, pending, measured)
     table = Table(title=f"gmixout compare: the plan ({folder})")
