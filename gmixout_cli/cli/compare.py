@@ -128,6 +128,7 @@ def _print_plan(comparison, folder: Path) -> None:  # noqa: ANN001 - a Compariso
     from gmixout_cli.compare.progress import clock
 
     plan = comparison.plan
+
     def later_seeds_done(row) -> int:  # noqa: ANN001 - a Row; a later seed runs once, at the kept value
         return sum(any((folder / "runs" / row.label).glob(f"*-s{seed}/results.json")) for seed in plan.seeds[1:])
 

@@ -50,12 +50,9 @@ def finetune(
     Several GPUs or nodes: `torchrun --nproc_per_node N -m gmixout_cli finetune ...` (train.batch_size
     stays the global batch; rank 0 writes the run folder, which every node must see).
     """
-    from gmixout_cli.training.distributed import from_environment, process_group
+    from gmixout_cli.training.distributed import process_group
 
     shortcuts = {"model.name": model, "data.root": data, "data.ood": split_csv(ood)}
-    if not from_environment().enabled:
-        _finetune(resume, out, recipe, overrides or [], shortcuts)
-        return
     with process_group() as dist:
         if dist.main:
             _finetune(resume, out, recipe, overrides or [], shortcuts, dist)
@@ -64,26 +61,25 @@ def finetune(
 
 
 def _finetune(resume: str | None, out: str | None, recipe: str | None, overrides: list[str],
-              shortcuts: dict, dist=None) -> None:  # noqa: ANN001 - a Dist, or None for one process
+              shortcuts: dict, dist) -> None:  # noqa: ANN001 - a Dist
     from gmixout_cli.config import config_to_dict
     from gmixout_cli.training import finetune as run_finetune
     from gmixout_cli.training import open_run
-    from gmixout_cli.training.distributed import Dist
     from gmixout_cli.utils.memory import oom_advice
 
     shared = False
     try:
         with open_run(resume, out, recipe, overrides, shortcuts) as run:
             cfg = run.cfg
-            if dist is not None:  # the other ranks train in the folder rank 0 claimed, with its config
-                shared = dist.share((str(run.path), config_to_dict(cfg), run.resume)) is not None
+            # the other ranks train in the folder rank 0 claimed, with its config (one process: a no-op)
+            shared = dist.share((str(run.path), config_to_dict(cfg), run.resume)) is not None
             resolved = yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
             console.print(f"[bold]{'resuming' if run.resume else 'run folder'}[/] {run.path}")
             console.print(Syntax(resolved, "yaml", theme="ansi_dark", background_color="default"))
             with oom_advice(cfg.train.batch_size, cfg.train.micro_batch_size):
-                results = run_finetune(cfg, run.path, console, resume=run.resume, dist=dist or Dist())
+                results = run_finetune(cfg, run.path, console, resume=run.resume, dist=dist)
     except BaseException:
-        if dist is not None and not shared:
+        if not shared:
             dist.share(None)  # the other ranks stop too, instead of waiting for a run that will not start
         raise
     run_dir = run.path

@@ -51,7 +51,7 @@ def time_row(cfg: Config, steps: int = 4) -> Timing:
     trainer = make_trainer(cfg, built, device, steps + 1)
     # real batches through the run's own loader: its workers decode and augment beside the step, as in a run
     train_tf = build_transform(size, built.mean, built.std, True, cfg.data.hflip, cfg.data.crop_scale)
-    loader, sampler = make_train_loader(data.train, train_tf, cfg.train.batch_size, cfg.data.num_workers,
+    loader, _ = make_train_loader(data.train, train_tf, cfg.train.batch_size, cfg.data.num_workers,
                                         cfg.train.seed, drop_last=len(data.train) > cfg.train.batch_size)
     batches = iter(loader)
     trainer.train_step(*next(batches))  # warm-up: worker start, allocator, optimizer state
@@ -110,6 +110,7 @@ def estimate(plan: Plan, steps_per_run: int, pending: dict[str, int],
     step time from `measured` (finished runs) where given."""
     out: dict[str, float] = {}
     timings: dict[str, Timing] = {}
+    checked, scored, evaluated = images_per_run(_row_cfg(plan, plan.rows[0]))  # one domain folder for every row
     for row in plan.rows:
         cfg = _row_cfg(plan, row)
         if cfg.method.name not in timings:
@@ -117,7 +118,6 @@ def estimate(plan: Plan, steps_per_run: int, pending: dict[str, int],
             if measured and cfg.method.name in measured:
                 timings[cfg.method.name].step_s = measured[cfg.method.name]
         t = timings[cfg.method.name]
-        checked, scored, evaluated = images_per_run(cfg)
         per_image = t.decode_s + t.forward_s
         seconds = pending[row.label] * (steps_per_run * t.step_s + checked * t.decode_s + scored * per_image)
         if row.label in plan.wise:

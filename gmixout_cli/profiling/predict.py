@@ -102,11 +102,16 @@ def _reference_kernels() -> Iterator[None]:
             os.environ["GMIXOUT_KERNELS"] = before
 
 
-def _meta_model(cfg: Config, classes: int) -> BuiltModel:
-    """The recipe's architecture with shapes only: no download, no memory (the head's values do not matter)."""
+def _random_model(cfg: Config, classes: int) -> BuiltModel:
+    """The recipe's architecture with random weights (no download; the head's values change no memory), on
+    the default device: the meta device gives shapes only."""
     model_cfg = dataclasses.replace(cfg.model, weights="random", head_init="zero")
+    return build_model(model_cfg, [f"class {i}" for i in range(classes)], cfg.train.seed)
+
+
+def _meta_model(cfg: Config, classes: int) -> BuiltModel:
     with torch.device("meta"):
-        return build_model(model_cfg, [f"class {i}" for i in range(classes)], cfg.train.seed)
+        return _random_model(cfg, classes)
 
 
 def _step_peak(cfg: Config, classes: int) -> tuple[dict[str, int], dict[str, Any]]:
@@ -211,8 +216,7 @@ def measure(cfg: Config, classes: int, device: torch.device) -> int:
     import json
     import tempfile
 
-    model_cfg = dataclasses.replace(cfg.model, weights="random", head_init="zero")
-    built = build_model(model_cfg, [f"class {i}" for i in range(classes)], cfg.train.seed)
+    built = _random_model(cfg, classes)
     built.model.to(device)
     size = input_size(cfg, built)
     trainer = make_trainer(cfg, built, device, total_steps=1_000_000)

@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 
 from gmixout_cli.config import Config, config_to_dict
 from gmixout_cli.errors import UserError
+from gmixout_cli.training.distributed import Dist
 from gmixout_cli.utils.io import save_safetensors
 
 CHECKPOINT = "checkpoint.safetensors"
@@ -108,7 +109,7 @@ def load_checkpoint(path: Path, trainer: Any) -> dict[str, Any]:
     meta = read_checkpoint_meta(path)
     world = int(meta.get("world_size", 1))
     if world != trainer.dist.world:  # each rank's RNG stream and shard follow the world size it started with
-        launch = type(trainer.dist)(0, world).launch
+        launch = Dist(0, world).launch
         raise UserError(f"{path} was written by a run of {world} process(es), this one has {trainer.dist.world}: "
                         f"resume with the same number, `{launch} --resume {path.parent}`")
     try:

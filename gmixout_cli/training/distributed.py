@@ -143,7 +143,3 @@ def all_reduce_grads(params: list[torch.Tensor]) -> int:
             offset += g.numel()
     return sent
 
-
-def barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()

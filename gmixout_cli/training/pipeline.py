@@ -194,7 +194,7 @@ def train(cfg: Config, run_dir: Path, console: Console, run: Prepared, stop: Sto
                         raise Diverged(f"loss became {loss} at step {trainer.step}: lower train.lr or use "
                                         "train.precision=fp32 (the last checkpoint, if any, is intact)")
                     log.step(trainer.step, progress["epoch"] + 1, loss, trainer.lr, peak_memory_bytes(run.device),
-                             global_batch if dist.enabled else y.numel(),
+                             global_batch,
                              comm_bytes=trainer.comm_bytes if dist.enabled else None)
                     if on_step and dist.main:
                         on_step(trainer.step, run.total_steps)

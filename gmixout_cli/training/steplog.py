@@ -62,10 +62,8 @@ class StepLogger:
         }
         if comm_bytes is not None:
             record["comm_bytes_per_step"] = comm_bytes
-        if self.path is None:
-            self.window_start, self.window_loss, self.window_n = now, 0.0, 0
-            return
-        append_jsonl(self.path, record)
+        if self.path is not None:
+            append_jsonl(self.path, record)
         if self.writer:
             for key in ("loss", "lr", "images_per_s", "memory_bytes"):
                 self.writer.add_scalar(f"train/{key}", record[key], step)
