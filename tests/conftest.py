@@ -6,6 +6,8 @@ import os
 
 # Triton kernels run on CPU tensors through the interpreter; it is chosen when a kernel is defined (import time).
 os.environ.setdefault("TRITON_INTERPRET", "1")
+# Tests read local files only; the hub library reads this at import, so a download fails at once, not after retries.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from pathlib import Path  # noqa: E402
 

@@ -28,6 +28,27 @@ def gmixout(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
                           env=env, timeout=300)
 
 
+def gmixout_main(*args: str) -> subprocess.CompletedProcess:
+    """The console entry point `main()` in this process (what `gmixout` runs after its imports), its exit code
+    and output captured as a subprocess's would be: cheaper than a new interpreter per error path."""
+    import contextlib
+    import io
+
+    from gmixout_cli.cli import app as cli_app
+
+    out, err = io.StringIO(), io.StringIO()
+    argv, code = sys.argv, 0
+    sys.argv = ["gmixout", *args]
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            cli_app.main()
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    finally:
+        sys.argv = argv
+    return subprocess.CompletedProcess(["gmixout", *args], code, out.getvalue(), err.getvalue())
+
+
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from conftest import write_domains
@@ -160,27 +181,28 @@ def _one_line_error(proc: subprocess.CompletedProcess, *fragments: str) -> None:
 
 @pytest.mark.slow
 def test_error_paths_exit_2_with_one_line(domains: Path, tmp_path: Path, run_dir: Path) -> None:
+    # the first through a new interpreter, as a user runs it; the others through the same main() in this process
     _one_line_error(gmixout("finetune", "--data", str(tmp_path / "nowhere" / "x"), "--out", str(tmp_path / "r1")),
                     "nowhere")
-    _one_line_error(gmixout("finetune", "--data", str(domains / "src"), "train.lrr=1"), "train.lrr", "train.lr")
-    _one_line_error(gmixout("finetune", "--data", str(domains / "src"), "--model", "resnet9000"),
+    _one_line_error(gmixout_main("finetune", "--data", str(domains / "src"), "train.lrr=1"), "train.lrr", "train.lr")
+    _one_line_error(gmixout_main("finetune", "--data", str(domains / "src"), "--model", "resnet9000"),
                     "unknown model 'resnet9000'")
-    _one_line_error(gmixout("finetune", "--data", str(domains / "src"), "--model", "timm:test_vit",
-                            "--out", str(tmp_path / "r2")), "model.weights=random")
+    _one_line_error(gmixout_main("finetune", "--data", str(domains / "src"), "--model", "timm:test_vit",
+                                 "--out", str(tmp_path / "r2")), "model.weights=random")
     assert not (tmp_path / "r2").exists()  # a run that never started leaves no folder behind
     (domains / "src" / "red" / "000.png").write_bytes(b"not an image at all")
-    _one_line_error(gmixout("finetune", "--data", str(domains / "src"), *TINY, "--out", str(tmp_path / "r3")),
+    _one_line_error(gmixout_main("finetune", "--data", str(domains / "src"), *TINY, "--out", str(tmp_path / "r3")),
                     "000.png")
     other = tmp_path / "other.safetensors"
     import torch
     from safetensors.torch import save_file
     save_file({"w": torch.zeros(2)}, str(other), metadata={"format": "gmixout/1", "library": "timm",
                                                           "arch": "test_vit", "class_names": "[]"})
-    _one_line_error(gmixout("merge", str(run_dir), "--base", str(other), "--out", str(tmp_path / "m.safetensors")),
-                    "cannot merge")
-    _one_line_error(gmixout("evaluate", str(tmp_path / "missing-run")), "missing-run")
-    _one_line_error(gmixout("finetune", "--recipe", "nope"), "unknown recipe 'nope'")
-    _one_line_error(gmixout("finetune", "--data", str(domains / "src"), "--out", str(run_dir)), "already exists")
+    _one_line_error(gmixout_main("merge", str(run_dir), "--base", str(other),
+                                 "--out", str(tmp_path / "m.safetensors")), "cannot merge")
+    _one_line_error(gmixout_main("evaluate", str(tmp_path / "missing-run")), "missing-run")
+    _one_line_error(gmixout_main("finetune", "--recipe", "nope"), "unknown recipe 'nope'")
+    _one_line_error(gmixout_main("finetune", "--data", str(domains / "src"), "--out", str(run_dir)), "already exists")
 
 
 @pytest.mark.slow
