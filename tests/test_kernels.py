@@ -54,11 +54,14 @@ def test_mask_kernel_equals_philox_reference(triton_kernels: torch.device, p: fl
 
 def test_philox_reference_known_answer_and_exact_mulhilo() -> None:
     # Random123's Philox-4x32-10 known-answer vector: counter (0, 0, 0, 0), key (0, 0) -> 0x6627e8d5 first
-    assert masks.philox_reference(0, torch.tensor([0])).item() == 0x6627E8D5
+    counters = torch.tensor([0])
+    assert masks.philox_reference(0, counters).item() == 0x6627E8D5
+    assert counters.tolist() == [0]  # the rounds run in place on a copy
     # a * b reaches 2^64 - 2^33 + 1: the int64 product wraps, and the high / low words must still be exact
     a = torch.tensor([0, 1, 0x7FFFFFFF, 0x80000000, 0xFFFFFFFF, 0xDEADBEEF], dtype=torch.int64)
     for b in (masks._ROUND_A, masks._ROUND_B, 0xFFFFFFFF):
-        hi, lo = masks._mulhilo(a, b)
+        hi, lo = torch.empty_like(a), torch.empty_like(a)
+        masks._mulhilo_(a, b, hi, lo)
         assert hi.tolist() == [(x * b) >> 32 for x in a.tolist()]
         assert lo.tolist() == [(x * b) & 0xFFFFFFFF for x in a.tolist()]
 
