@@ -52,7 +52,7 @@ def time_row(cfg: Config, steps: int = 4) -> Timing:
     # real batches through the run's own loader: its workers decode and augment beside the step, as in a run
     train_tf = build_transform(size, built.mean, built.std, True, cfg.data.hflip, cfg.data.crop_scale)
     loader, _ = make_train_loader(data.train, train_tf, cfg.train.batch_size, cfg.data.num_workers,
-                                        cfg.train.seed, drop_last=len(data.train) > cfg.train.batch_size)
+                                  cfg.train.seed, drop_last=len(data.train) > cfg.train.batch_size)
     batches = iter(loader)
     trainer.train_step(*next(batches))  # warm-up: worker start, allocator, optimizer state
     t0 = time.perf_counter()
