@@ -1,6 +1,7 @@
 """Stop signals as schedulers send them: SIGTERM, SIGINT, SIGHUP, to the main process or to the whole process
 group (DataLoader workers too), at random steps. Each stop checkpoints its step, says so in one line, exits
-with 128 + the signal, and the resumed run ends bit-identical to an uninterrupted one."""
+with 128 + the signal, and the resumed run ends bit-identical to an uninterrupted one. A loader worker killed
+alone does the same with exit code 2."""
 
 from __future__ import annotations
 
@@ -93,3 +94,44 @@ def test_second_run_on_the_same_folder_is_refused_while_the_first_trains(
     _, err = first.communicate(timeout=300)
     assert first.returncode == 0, err
     assert (run / "model.safetensors").read_bytes() == model_bytes  # the refused run changed nothing
+
+
+def _loader_workers(pid: int) -> list[int]:
+    """The DataLoader workers of a run: its child processes (Linux /proc)."""
+    children: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        children += [int(c) for c in (task / "children").read_text().split()]
+    return children
+
+
+# one worker alone: SIGKILL as the out-of-memory killer sends it (torch would raise mid-step), SIGTERM as a
+# stray `kill` (the worker exits quietly and the loader finds it gone at its next fetch)
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=lambda s: s.name)
+def test_a_killed_loader_worker_checkpoints_the_last_step_and_resumes_bit_identically(
+        tmp_path: Path, reference: tuple[Path, bytes, int], sig: signal.Signals) -> None:
+    data, model_bytes, total = reference
+    run = tmp_path / "run"
+    at = random.Random(f"worker-{sig.name}").randint(2, total - 3)
+    proc = subprocess.Popen(_cmd("--data", str(data), *ARGS, "--out", str(run)), env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    metrics, killed = run / "metrics.jsonl", 0
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None and not killed:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= at:
+            workers = _loader_workers(proc.pid)
+            if workers:
+                killed = workers[0]
+                os.kill(killed, sig)
+        time.sleep(0.02)
+    _, err = proc.communicate(timeout=120)
+    assert killed and proc.returncode == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    step = read_checkpoint_meta(run / CHECKPOINT)["step"]
+    assert lines[0].startswith(f"error: a data loader worker (pid {killed}) exited unexpectedly at step {step}"), err
+    assert f"checkpoint {run / CHECKPOINT}" in lines[0] and f"--resume {run}" in lines[0] and at <= step < total
+    assert not (run / "model.safetensors").exists() and not list(run.glob(".*.tmp"))
+
+    resumed = subprocess.run(_cmd("--resume", str(run)), env=_env(), capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert (run / "model.safetensors").read_bytes() == model_bytes

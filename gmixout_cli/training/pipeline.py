@@ -16,6 +16,7 @@ import errno
 import json
 import math
 import os
+import re
 import signal
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -49,7 +50,7 @@ from gmixout_cli.training.steplog import StepLogger
 from gmixout_cli.utils.environment import environment
 from gmixout_cli.utils.io import save_safetensors, write_json
 from gmixout_cli.utils.memory import peak_memory_bytes, resolve_device
-from gmixout_cli.utils.signals import StopFlag, StopNow, stop_on_signals
+from gmixout_cli.utils.signals import StopFlag, StopNow, stop_on_signals, worker_deaths_between_steps
 
 
 @dataclass
@@ -208,25 +209,38 @@ def train(cfg: Config, run_dir: Path, console: Console, run: Prepared, stop: Sto
                         break
                 if stop.requested:  # a loader worker died of the same signal: the last step is complete
                     raise stopped(checkpoint())
+        except WorkerLost as lost:  # between steps: the last one is whole
+            raise UserError(f"a data loader worker (pid {lost}) exited unexpectedly at step {trainer.step} (killed: "
+                            f"out of memory?); checkpoint {checkpoint()}; resume with `{dist.launch} --resume "
+                            f"{run_dir}` once memory is free") from None
         except StopNow:
             raise Interrupted(f"stopped at once by a second {stop.requested} during step {trainer.step + 1}; "
                               f"{last_checkpoint_note(run_dir)}", stop.exit_code) from None
         return log.elapsed(), log.images
 
 
+class WorkerLost(Exception):
+    """A loader worker exited while the main process did not ask it to (its pids are the message)."""
+
+
 def _batches(loader: DataLoader, stop: StopFlag) -> Iterator[Any]:
-    """The loader's batches; ends early (between steps) when a stop signal also killed a loader worker."""
-    batches = iter(loader)
-    while True:
-        try:
-            batch = next(batches)
-        except StopIteration:
-            return
-        except RuntimeError as exc:  # a worker that the signal reached before it could ignore it
-            if stop.requested and "DataLoader worker" in str(exc):
+    """The loader's batches; ends between steps when a loader worker is gone: at the end of a stop signal that
+    reached it too, or with WorkerLost when it alone was killed (out of memory, a stray kill)."""
+    batches = iter(loader)  # its first call installs torch's SIGCHLD handler, which the block below sets aside
+    with worker_deaths_between_steps():
+        while True:
+            try:
+                batch = next(batches)
+            except StopIteration:
                 return
-            raise
-        yield batch
+            except RuntimeError as exc:  # torch: "DataLoader worker (pid(s) 123) exited unexpectedly"
+                if "DataLoader worker" not in str(exc):
+                    raise
+                if stop.requested:  # a worker the signal reached before it could ignore it
+                    return
+                pids = re.search(r"\(pids?(?:\(s\))? ([^)]*)\)", str(exc))
+                raise WorkerLost(pids.group(1) if pids else "?") from None
+            yield batch
 
 
 def export(cfg: Config, run_dir: Path, console: Console, run: Prepared, stop: StopFlag) -> Path:

@@ -88,3 +88,22 @@ def worker_stop_signals(worker_id: int = 0) -> None:
 
 def _exit_quietly(signum: int, frame: object) -> None:
     os._exit(0)
+
+
+@contextlib.contextmanager
+def worker_deaths_between_steps() -> Iterator[None]:
+    """While training: a loader worker that dies (out of memory, a stray kill) is noticed at the next fetch.
+
+    torch's SIGCHLD handler raises in the main process at whatever line it is running when a worker is killed,
+    mid-step too, where the model holds half an update and no checkpoint of it can be written. Without it the
+    loader still notices the dead worker (it polls its workers' liveness while it waits for a batch), between
+    steps, where the last step can be checkpointed. The handler is back once training ends.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGCHLD, previous)
