@@ -226,21 +226,19 @@ class WorkerLost(Exception):
 def _batches(loader: DataLoader, stop: StopFlag) -> Iterator[Any]:
     """The loader's batches; ends between steps when a loader worker is gone: at the end of a stop signal that
     reached it too, or with WorkerLost when it alone was killed (out of memory, a stray kill)."""
-    batches = iter(loader)  # its first call installs torch's SIGCHLD handler, which the block below sets aside
-    with worker_deaths_between_steps():
-        while True:
-            try:
-                batch = next(batches)
-            except StopIteration:
-                return
-            except RuntimeError as exc:  # torch: "DataLoader worker (pid(s) 123) exited unexpectedly"
-                if "DataLoader worker" not in str(exc):
-                    raise
-                if stop.requested:  # a worker the signal reached before it could ignore it
-                    return
-                pids = re.search(r"\(pids?(?:\(s\))? ([^)]*)\)", str(exc))
-                raise WorkerLost(pids.group(1) if pids else "?") from None
-            yield batch
+    try:
+        # persistent workers: each epoch's first call waits for every worker; the very first installs torch's
+        # SIGCHLD handler, which the block below sets aside
+        batches = iter(loader)
+        with worker_deaths_between_steps():
+            yield from batches
+    except RuntimeError as exc:  # torch: "DataLoader worker (pid(s) 123) exited unexpectedly"
+        if "DataLoader worker" not in str(exc):
+            raise
+        if stop.requested:  # a worker the signal reached before it could ignore it
+            return
+        pids = re.search(r"\(pids?(?:\(s\))? ([^)]*)\)", str(exc))
+        raise WorkerLost(pids.group(1) if pids else "?") from None
 
 
 def export(cfg: Config, run_dir: Path, console: Console, run: Prepared, stop: StopFlag) -> Path:
