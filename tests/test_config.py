@@ -136,3 +136,20 @@ def test_lpft_declares_its_linear_probe_head_once() -> None:
     assert cfg.model.head_init == "auto" and method_model_config(cfg).head_init == "linear_probe"
     with pytest.raises(UserError, match="method.name=lpft starts from a linear_probe head: set model.head_init=auto"):
         load_config("lpft", ["model.head_init=zero"])
+
+
+def test_config_hash_leaves_out_what_a_resume_may_change() -> None:
+    from gmixout_cli.training.checkpoint import RESUME_SETTABLE, config_hash, matching_config_hashes
+
+    base = load_config("quickstart", [])
+    runtime = load_config("quickstart", ["data.num_workers=0", "train.eval_batch_size=7", "train.log_every=3",
+                                         "train.tensorboard=true", "train.checkpoint_every=5"])
+    assert len(RESUME_SETTABLE) == 5 and config_hash(runtime) == config_hash(base)
+    assert config_hash(load_config("quickstart", ["train.lr=0.5"])) != config_hash(base)
+    # a checkpoint whose hash covered every key (earlier versions) still matches its own config
+    import hashlib
+    import json
+
+    from gmixout_cli.config import config_to_dict
+    legacy = hashlib.sha256(json.dumps(config_to_dict(base), sort_keys=True).encode()).hexdigest()[:16]
+    assert matching_config_hashes(base) == {config_hash(base), legacy}

@@ -25,9 +25,28 @@ from gmixout_cli.utils.io import save_safetensors
 CHECKPOINT = "checkpoint.safetensors"
 
 
+# how a run is carried out, not what it computes (per-sample seeds make the loader's workers irrelevant to the
+# batches): a resumed run may change these, e.g. fewer workers after running out of memory
+RESUME_SETTABLE = ("data.num_workers", "train.eval_batch_size", "train.log_every", "train.tensorboard",
+                   "train.checkpoint_every")
+
+
 def config_hash(cfg: Config) -> str:
-    """A short hash of the resolved config."""
-    return hashlib.sha256(json.dumps(config_to_dict(cfg), sort_keys=True).encode()).hexdigest()[:16]
+    """A short hash of the resolved config, but for the RESUME_SETTABLE keys."""
+    raw = config_to_dict(cfg)
+    for key in RESUME_SETTABLE:
+        section, name = key.split(".")
+        raw[section].pop(name, None)
+    return _digest(raw)
+
+
+def matching_config_hashes(cfg: Config) -> set[str]:
+    """The hashes a checkpoint of this config may carry: today's, and that of versions that hashed every key."""
+    return {config_hash(cfg), _digest(config_to_dict(cfg))}
+
+
+def _digest(raw: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(raw, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def save_checkpoint(run_dir: Path, trainer: Any, progress: dict[str, Any], cfg: Config) -> Path:

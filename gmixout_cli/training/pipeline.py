@@ -211,8 +211,9 @@ def train(cfg: Config, run_dir: Path, console: Console, run: Prepared, stop: Sto
                     raise stopped(checkpoint())
         except WorkerLost as lost:  # between steps: the last one is whole
             raise UserError(f"a data loader worker (pid {lost}) exited unexpectedly at step {trainer.step} (killed: "
-                            f"out of memory?); checkpoint {checkpoint()}; resume with `{dist.launch} --resume "
-                            f"{run_dir}` once memory is free") from None
+                            f"out of memory?); checkpoint {checkpoint()}; once memory is free, resume with "
+                            f"`{dist.launch} --resume {run_dir}` (data.num_workers=N after it sets fewer workers)"
+                            ) from None
         except StopNow:
             raise Interrupted(f"stopped at once by a second {stop.requested} during step {trainer.step + 1}; "
                               f"{last_checkpoint_note(run_dir)}", stop.exit_code) from None

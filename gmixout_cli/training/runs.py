@@ -20,7 +20,7 @@ from typing import Any
 
 from gmixout_cli.config import Config, build_saved_config, config_to_dict, flatten_dict, load_config, read_yaml
 from gmixout_cli.errors import UserError
-from gmixout_cli.training.checkpoint import CHECKPOINT, config_hash, read_checkpoint_meta
+from gmixout_cli.training.checkpoint import CHECKPOINT, RESUME_SETTABLE, matching_config_hashes, read_checkpoint_meta
 from gmixout_cli.utils.io import remove_stale_temporaries, write_yaml
 from gmixout_cli.utils.locks import LockHeld, exclusive_lock
 
@@ -97,19 +97,30 @@ def claim(path: Path) -> Iterator[None]:
 
 
 def resumable_config(run_dir: Path, recipe: str | None, overrides: list[str], shortcuts: dict[str, Any]) -> Config:
-    """The run's own config; values given now that differ are reported, not used."""
+    """The run's own config; of the values given now, the RESUME_SETTABLE ones are used (and saved in
+    config.yaml), the others are reported, not used."""
     cfg = read_run_config(run_dir)
-    if read_checkpoint_meta(run_dir / CHECKPOINT)["config_hash"] != config_hash(cfg):
+    if read_checkpoint_meta(run_dir / CHECKPOINT)["config_hash"] not in matching_config_hashes(cfg):
         raise UserError(f"{run_dir / CHECKPOINT} was written with another config than {run_dir / 'config.yaml'} "
                         "(the config was edited, or the checkpoint comes from another run): restore the matching "
                         "config.yaml to resume")
-    if recipe or overrides or any(v is not None for v in shortcuts.values()):
-        given = flatten_dict(config_to_dict(load_config(recipe or str(run_dir / "config.yaml"), overrides, shortcuts)))
-        saved = flatten_dict(config_to_dict(cfg))
-        changed = [f"{k}: {saved[k]!r} (run) vs {given[k]!r} (given)" for k in saved if given.get(k) != saved[k]]
-        if changed:
-            warnings.warn("resuming with the run's own config; these values given now are not used: "
-                          + "; ".join(changed), stacklevel=2)
+    if not (recipe or overrides or any(v is not None for v in shortcuts.values())):
+        return cfg
+    given = flatten_dict(config_to_dict(load_config(recipe or str(run_dir / "config.yaml"), overrides, shortcuts)))
+    saved = flatten_dict(config_to_dict(cfg))
+    changed = [k for k in saved if given.get(k) != saved[k]]
+    ignored = [f"{k}: {saved[k]!r} (run) vs {given[k]!r} (given)" for k in changed if k not in RESUME_SETTABLE]
+    if ignored:
+        warnings.warn("resuming with the run's own config; these values given now are not used: "
+                      + "; ".join(ignored) + f" (a resume may change only {', '.join(RESUME_SETTABLE)})", stacklevel=2)
+    settable = [k for k in changed if k in RESUME_SETTABLE]
+    if settable:
+        raw = config_to_dict(cfg)
+        for key in settable:
+            section, name = key.split(".")
+            raw[section][name] = given[key]
+        cfg = build_saved_config(raw)
+        write_yaml(run_dir / "config.yaml", config_to_dict(cfg))
     return cfg
 
 
