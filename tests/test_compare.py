@@ -218,3 +218,21 @@ def test_progress_counts_resumed_and_finished_runs_and_projects_the_eta(monkeypa
     assert "2 runs left, ETA 4m46s" in p.eta_note()
     p.add_runs(1)
     assert p.total == 50 and progress.clock(3725) == "1h02m"
+
+
+def test_a_partial_report_says_so_and_the_plot_frames_the_rows(tmp_path: Path) -> None:
+    from gmixout_cli.compare.report import _frame, write_report
+
+    comparison, _ = _fake_comparison(tmp_path, peak=1e-4)
+    state = comparison.run()
+    state["runs"] = [{**r, "linear_probe": None} for r in state["runs"]]
+    assert write_report(tmp_path / "whole", state, "t")["title"] == "t"
+    first = {**state, "runs": [r for r in state["runs"] if r["seed"] == 0]}  # stopped before the second seed
+    (tmp_path / "part").mkdir()
+    report = write_report(tmp_path / "part", first, "t")
+    assert report["title"] == "t (partial: 1 of 2 seeds so far)"
+    assert (tmp_path / "part" / "compare.md").read_text().startswith("### t (partial: 1 of 2 seeds so far)")
+    assert (tmp_path / "part" / "compare.png").stat().st_size > 0
+    # the axes hold every row with its error bars and a margin; a WiSE-FT curve's chance-level end falls outside
+    x0, x1, y0, y1 = _frame([(80.0, 60.0, 1.0, 2.0), (90.0, 50.0, 0.0, 0.0)])
+    assert x0 < 79.0 and x1 > 90.0 and y0 < 50.0 and y1 > 62.0 and not x0 <= 10.0

@@ -149,11 +149,12 @@ def plot(path: Path, state: dict[str, Any], summary: dict[str, dict[str, Any]], 
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 5), dpi=120)
-    for label, s in summary.items():
-        if label.startswith("wise-ft"):
-            continue
+    rows = {k: s for k, s in summary.items() if not k.startswith("wise-ft")}
+    for label, s in rows.items():
         ax.errorbar(s["id"]["mean"], s["ood_mean"]["mean"], xerr=s["id"]["std"], yerr=s["ood_mean"]["std"],
                     fmt="o", capsize=3, label=label)
+    box = _frame([(s["id"]["mean"], s["ood_mean"]["mean"], s["id"]["std"], s["ood_mean"]["std"])
+                  for s in rows.values()])
     for label, curves in _group_wise(state):
         alphas = sorted({p["alpha"] for c in curves for p in c})
         xs, ys = [], []
@@ -161,7 +162,13 @@ def plot(path: Path, state: dict[str, Any], summary: dict[str, dict[str, Any]], 
             pts = [_metrics(p, _id_test(state)) for c in curves for p in c if p["alpha"] == a]
             xs.append(100 * statistics.fmean(p["id"] for p in pts))
             ys.append(100 * statistics.fmean(p["ood_mean"] for p in pts))
-        ax.plot(xs, ys, "--", marker=".", label=f"WiSE-FT ({label}), alpha {alphas[0]:g}..{alphas[-1]:g}")
+        # the rows set the axes: a curve's far end (alpha 0 from a zero head is chance) is named, not drawn
+        off = [f"{a:g} at {x:.1f}, {y:.1f}" for a, x, y in zip(alphas, xs, ys, strict=True)
+               if not (box[0] <= x <= box[1] and box[2] <= y <= box[3])]
+        ax.plot(xs, ys, "--", marker=".", label=f"WiSE-FT ({label}), alpha {alphas[0]:g}..{alphas[-1]:g}"
+                + (f"; off the axes: alpha {'; '.join(off)}" if off else ""))
+    ax.set_xlim(box[0], box[1])
+    ax.set_ylim(box[2], box[3])
     ax.set_xlabel("held-out in-domain top-1 (%)")
     ax.set_ylabel("out-of-domain mean top-1 (%)")
     ax.set_title(title, fontsize=10)
@@ -173,6 +180,14 @@ def plot(path: Path, state: dict[str, Any], summary: dict[str, dict[str, Any]], 
     plt.close(fig)
 
 
+def _frame(points: list[tuple[float, float, float, float]]) -> tuple[float, float, float, float]:
+    """Axis limits around the rows' points and error bars (x, y, xerr, yerr), with a margin."""
+    x0, x1 = min(x - dx for x, _, dx, _ in points), max(x + dx for x, _, dx, _ in points)
+    y0, y1 = min(y - dy for _, y, _, dy in points), max(y + dy for _, y, _, dy in points)
+    mx, my = max(1.0, 0.15 * (x1 - x0)), max(1.0, 0.15 * (y1 - y0))
+    return x0 - mx, x1 + mx, y0 - my, y1 + my
+
+
 def compare_command(argv: list[str]) -> str:
     """The command line that reproduces a comparison, quoted for a shell."""
     return " ".join(["gmixout", *(shlex.quote(a) for a in argv)])
@@ -181,6 +196,10 @@ def compare_command(argv: list[str]) -> str:
 def write_report(out: Path, state: dict[str, Any], title: str) -> dict[str, Any]:
     """compare.json, compare.md, compare.png in `out`; returns the JSON's content."""
     summary = summarise(state)
+    done = [s["id"]["n"] for k, s in summary.items() if not k.startswith("wise-ft")]
+    if done and min(done) < len(state["plan"]["seeds"]):  # a comparison stopped early publishes what it has
+        seeds = f"{min(done)}" if min(done) == max(done) else f"{min(done)} to {max(done)}"
+        title += f" (partial: {seeds} of {len(state['plan']['seeds'])} seeds so far)"
     domains = sorted({d for r in state["runs"] for d in r["ood"]})
     report = {"title": title, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "command": compare_command(sys.argv[1:]), "versions": library_versions(),
