@@ -93,3 +93,16 @@ def finetune_command(*args: str) -> list[str]:
 def subprocess_env() -> dict[str, str]:
     """The environment of those subprocesses: offline, one thread each (two may share this machine), wide lines."""
     return dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", COLUMNS="300")
+
+
+def children(pid: int) -> list[int]:
+    """The processes whose parent is `pid` (Linux /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from conftest import TINY_ARGS, write_domains
+from conftest import TINY_ARGS, children, write_domains
 from gmixout_cli.errors import UserError
 from gmixout_cli.training.distributed import Dist, check_batch
 
@@ -34,19 +34,6 @@ def finished(proc: subprocess.Popen, timeout: float = 300) -> str:
     out, _ = proc.communicate(timeout=timeout)
     assert proc.returncode == 0, out[-3000:]
     return out
-
-
-def children(pid: int) -> list[int]:
-    """The processes whose parent is `pid` (Linux /proc)."""
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            found.append(int(stat.parent.name))
-    return found
 
 
 def weights(run: Path) -> dict:
@@ -144,3 +131,35 @@ def test_sigterm_to_the_launcher_stops_every_rank_after_the_same_step_with_a_che
     assert meta["step"] == step and meta["world_size"] == 2
     out = finished(torchrun("finetune", "--resume", "stopped", cwd=tmp_path))
     assert (tmp_path / "stopped" / "results.json").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the ranks through /proc")
+def test_a_loader_worker_killed_on_one_rank_stops_every_rank_before_the_next_step(
+        tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+    monkeypatch.chdir(tmp_path)
+    write_domains(tmp_path / "data")
+    args = ["-d", "data/src", *ARGS, "train.epochs=40", "method.name=gmixout", "method.k=3", "data.num_workers=1"]
+    proc = torchrun("finetune", *args, "--out", "lost", cwd=tmp_path)
+    metrics = tmp_path / "lost" / "metrics.jsonl"
+    deadline, killed = time.monotonic() + 120, 0
+    while not killed and proc.poll() is None and time.monotonic() < deadline:
+        if metrics.exists() and metrics.read_text().count("\n") >= 3:
+            rank1 = [p for p in children(proc.pid) if b"RANK=1\0" in Path(f"/proc/{p}/environ").read_bytes()]
+            workers = children(rank1[0]) if rank1 else []
+            if workers:
+                killed = workers[0]
+                os.kill(killed, signal.SIGKILL)  # as the out-of-memory killer would, on one rank only
+        time.sleep(0.02)
+    out, _ = proc.communicate(timeout=120)
+    assert killed and proc.returncode != 0, out[-3000:]
+    said = [line for line in out.splitlines() if "exited unexpectedly at step" in line]
+    # rank 1 names its worker, rank 0 learns of it through the same all-reduce; both stop after the same step
+    assert any(f"(pid {killed})" in line for line in said) and any("of another rank" in line for line in said), out
+    steps = {int(line.split("at step ")[1].split(" ")[0]) for line in said}
+    from gmixout_cli.training.checkpoint import read_checkpoint_meta
+
+    assert len(steps) == 1 and read_checkpoint_meta(tmp_path / "lost" / "checkpoint.safetensors")["step"] in steps
+    assert "Traceback" not in out.split("exited unexpectedly")[0]
+    out = finished(torchrun("finetune", "--resume", "lost", cwd=tmp_path))
+    assert "resumed" in out and (tmp_path / "lost" / "results.json").is_file()

@@ -17,9 +17,9 @@ import pytest
 import torch
 from safetensors.torch import load, load_file
 
+from conftest import children, write_domains
 from conftest import finetune_command as _cmd
 from conftest import subprocess_env as _env
-from conftest import write_domains
 from gmixout_cli.training.checkpoint import CHECKPOINT, read_checkpoint_meta
 
 pytestmark = pytest.mark.slow
@@ -98,14 +98,6 @@ def test_second_run_on_the_same_folder_is_refused_while_the_first_trains(
     assert (run / "model.safetensors").read_bytes() == model_bytes  # the refused run changed nothing
 
 
-def _loader_workers(pid: int) -> list[int]:
-    """The DataLoader workers of a run: its child processes (Linux /proc)."""
-    children: list[int] = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        children += [int(c) for c in (task / "children").read_text().split()]
-    return children
-
-
 # one worker alone: SIGKILL as the out-of-memory killer sends it (torch would raise mid-step), SIGTERM as a
 # stray `kill` (the worker exits quietly and the loader finds it gone at its next fetch)
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=lambda s: s.name)
@@ -122,7 +114,7 @@ def test_a_killed_loader_worker_checkpoints_the_last_step_and_resumes_bit_identi
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None and not killed:
         if metrics.exists() and len(metrics.read_text().splitlines()) >= at:
-            workers = _loader_workers(proc.pid)
+            workers = children(proc.pid)  # its DataLoader workers
             if workers:
                 killed = workers[0]
                 os.kill(killed, sig)

@@ -67,6 +67,19 @@ class Dist:
         dist.all_reduce(t)
         return float(t[0]), bool(t[1] > 0)
 
+    def any(self, flag: bool) -> bool:
+        """Whether `flag` holds on any rank (one small all-reduce; the flag itself in one process)."""
+        if not self.enabled:
+            return flag
+        t = torch.tensor([float(flag)])
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t[0] > 0)
+
+    def barrier(self) -> None:
+        """Wait for every rank (e.g. for rank 0's checkpoint before a rank exits and the launcher ends the rest)."""
+        if self.enabled:
+            dist.barrier()
+
     def broadcast_state(self, model: nn.Module) -> None:
         """Every rank starts from rank 0's weights and buffers (a probe head fitted on another GPU may differ in
         its last bits)."""

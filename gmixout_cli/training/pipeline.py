@@ -186,7 +186,11 @@ def train(cfg: Config, run_dir: Path, console: Console, run: Prepared, stop: Sto
         try:
             while trainer.step < run.total_steps:
                 run.sampler.set_epoch(progress["epoch"], progress["batch"])
-                for x, y in _batches(run.loader, stop):
+                for batch in _batches(run.loader, stop):
+                    lost = batch if isinstance(batch, WorkerLost) else None
+                    if dist.any(lost is not None):  # every rank stops before this step: the last one is whole
+                        raise lost or WorkerLost("a data loader worker of another rank")
+                    x, y = batch
                     loss, stop_any = dist.agree(trainer.train_step(x, y), bool(stop.requested))
                     if stop_any and not stop.requested:  # every rank stops after the same step
                         stop.requested, stop.signum = "a stop signal to another process", signal.SIGTERM
@@ -210,8 +214,10 @@ def train(cfg: Config, run_dir: Path, console: Console, run: Prepared, stop: Sto
                 if stop.requested:  # a loader worker died of the same signal: the last step is complete
                     raise stopped(checkpoint())
         except WorkerLost as lost:  # between steps: the last one is whole
-            raise UserError(f"a data loader worker (pid {lost}) exited unexpectedly at step {trainer.step} (killed: "
-                            f"out of memory?); checkpoint {checkpoint()}; once memory is free, resume with "
+            path = checkpoint()
+            dist.barrier()  # a rank that exits first makes the launcher end the others, rank 0 mid-write too
+            raise UserError(f"{lost} exited unexpectedly at step {trainer.step} (killed: "
+                            f"out of memory?); checkpoint {path}; once memory is free, resume with "
                             f"`{dist.launch} --resume {run_dir}` (data.num_workers=N after it sets fewer workers)"
                             ) from None
         except StopNow:
@@ -221,12 +227,13 @@ def train(cfg: Config, run_dir: Path, console: Console, run: Prepared, stop: Sto
 
 
 class WorkerLost(Exception):
-    """A loader worker exited while the main process did not ask it to (its pids are the message)."""
+    """A loader worker exited while the main process did not ask it to (the message names it)."""
 
 
 def _batches(loader: DataLoader, stop: StopFlag) -> Iterator[Any]:
     """The loader's batches; ends between steps when a loader worker is gone: at the end of a stop signal that
-    reached it too, or with WorkerLost when it alone was killed (out of memory, a stray kill)."""
+    reached it too, or with a WorkerLost in the place of the next batch when it alone was killed (out of
+    memory, a stray kill), so that every rank can learn of it before the step."""
     try:
         # persistent workers: each epoch's first call waits for every worker; the very first installs torch's
         # SIGCHLD handler, which the block below sets aside
@@ -239,7 +246,7 @@ def _batches(loader: DataLoader, stop: StopFlag) -> Iterator[Any]:
         if stop.requested:  # a worker the signal reached before it could ignore it
             return
         pids = re.search(r"\(pids?(?:\(s\))? ([^)]*)\)", str(exc))
-        raise WorkerLost(pids.group(1) if pids else "?") from None
+        yield WorkerLost(f"a data loader worker (pid {pids.group(1) if pids else '?'})")
 
 
 def export(cfg: Config, run_dir: Path, console: Console, run: Prepared, stop: StopFlag) -> Path:
