@@ -78,7 +78,7 @@ class Dist:
     def barrier(self) -> None:
         """Wait for every rank (e.g. for rank 0's checkpoint before a rank exits and the launcher ends the rest)."""
         if self.enabled:
-            dist.barrier()
+            dist.all_reduce(torch.zeros(1))  # a CPU tensor, like `agree`: gloo on any machine, no device to guess
 
     def broadcast_state(self, model: nn.Module) -> None:
         """Every rank starts from rank 0's weights and buffers (a probe head fitted on another GPU may differ in
