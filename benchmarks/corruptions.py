@@ -24,7 +24,8 @@ from benchmarks import fmnist_c
 from benchmarks.bench_common import ROOT, git_head, publish_compare, restore_runs, run_gmixout
 
 METHODS = "full,lp,lpft,lora,mixout,randmask,gmixout"
-VARIANTS = ("full_update_bn:method.name=full method.norm_stats=update",)
+VARIANTS = ("full_update_bn:method.name=full method.norm_stats=update",  # BatchNorm statistics from the batches
+            "gmixout_filter:method.name=gmixout method.mask=filter")  # whole output filters (HR-Mixout style)
 
 
 def command(args: argparse.Namespace) -> list[str]:

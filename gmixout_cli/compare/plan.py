@@ -17,6 +17,7 @@ from typing import Any
 from gmixout_cli.config import Config, config_to_dict, flatten_dict, load_config, parse_overrides
 from gmixout_cli.errors import UserError
 from gmixout_cli.methods.registry import method_names, method_spec
+from gmixout_cli.training.checkpoint import RESUME_SETTABLE
 
 # Keys that make the budget or the data: set once for the whole comparison, never per row.
 SHARED_PREFIXES = ("data.", "train.epochs", "train.max_steps", "train.batch_size", "train.micro_batch_size",
@@ -24,9 +25,9 @@ SHARED_PREFIXES = ("data.", "train.epochs", "train.max_steps", "train.batch_size
 # A linear probe starts from the model's own head (a fitted probe, or CLIP's zero-shot head) whatever head the
 # recipe gives the fine-tuning methods: training a head from zero is not the baseline people compare against.
 ROW_DEFAULTS: dict[str, tuple[str, ...]] = {"lp": ("model.head_init=auto",)}
-# Keys that differ between machines and change no result: a run trained elsewhere still counts.
-MACHINE_KEYS = ("data.num_workers", "train.device", "train.eval_batch_size", "train.log_every",
-                "train.checkpoint_every", "train.tensorboard")
+# Keys that differ between machines and change no result: a run trained elsewhere still counts (the device too,
+# which a resume, continuing one machine's RNG state, may not switch).
+MACHINE_KEYS = (*RESUME_SETTABLE, "train.device")
 
 
 @dataclass(frozen=True)
