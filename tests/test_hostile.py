@@ -289,6 +289,39 @@ def test_full_disk_at_export_keeps_the_final_step(tmp_path: Path, cli, monkeypat
     assert (whole / "model.safetensors").read_bytes() == (run / "model.safetensors").read_bytes()
 
 
+def test_a_loader_worker_lost_during_evaluation_keeps_the_model_and_resume_evaluates(
+        tmp_path: Path, cli, monkeypatch) -> None:  # noqa: ANN001
+    import gmixout_cli.training.pipeline as pipeline
+
+    data = write_domains(tmp_path / "data") / "src"
+    run = tmp_path / "run"
+    with monkeypatch.context() as m:
+        def lost(*args, **kwargs) -> None:  # noqa: ANN002, ANN003 - what torch raises when a worker was killed
+            raise RuntimeError("DataLoader worker (pid(s) 4242) exited unexpectedly")
+
+        m.setattr(pipeline, "evaluate", lost)
+        code, _, err = cli("finetune", "--out", str(run), "--data", str(data), *TINY_ARGS)
+    line = _one_line(err)
+    assert code == 2 and "a data loader worker exited unexpectedly during evaluation" in line
+    assert f"the model is saved at {run / 'model.safetensors'}" in line and f"--resume {run}" in line
+    assert (run / "model.safetensors").is_file() and (run / CHECKPOINT).is_file()
+    code, _, err = cli("finetune", "--resume", str(run), "data.num_workers=1")  # as the line suggests
+    assert code == 0, err
+    assert (run / "results.json").is_file() and not (run / CHECKPOINT).exists()
+
+
+def test_a_loader_worker_lost_while_checking_images_is_one_line(tmp_path: Path, cli, monkeypatch) -> None:  # noqa: ANN001
+    import gmixout_cli.training.pipeline as pipeline
+
+    def lost(*args, **kwargs) -> None:  # noqa: ANN002, ANN003
+        raise RuntimeError("DataLoader worker (pid 4242) is killed by signal: Killed.")
+
+    monkeypatch.setattr(pipeline, "verify_domain_data", lost)
+    code, _, err = cli("finetune", "--out", str(tmp_path / "run"), "--data",
+                       str(write_domains(tmp_path / "data") / "src"), *TINY_ARGS)
+    assert code == 2 and "exited unexpectedly before training started; nothing was trained" in _one_line(err)
+
+
 def test_full_disk_anywhere_else_is_one_line(tmp_path: Path, cli, monkeypatch) -> None:
     import gmixout_cli.training.pipeline as pipeline
 

@@ -11,6 +11,7 @@ The last training step is checkpointed before the method's export transform, so 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import json
@@ -81,7 +82,8 @@ def finetune(cfg: Config, run_dir: Path, console: Console, resume: bool = False,
     rank 0 alone exports and evaluates; the other ranks return {} after training."""
     with stop_on_signals() as stop:
         try:
-            run = prepare(cfg, run_dir, console, resume, dist)
+            with _worker_loss_explained("before training started; nothing was trained: run the same command again"):
+                run = prepare(cfg, run_dir, console, resume, dist)
         except StopNow:
             raise Interrupted(f"stopped by {stop.requested} before training started; nothing was trained: run the "
                               "same command again", stop.exit_code) from None
@@ -92,7 +94,9 @@ def finetune(cfg: Config, run_dir: Path, console: Console, resume: bool = False,
         weights_path = export(cfg, run_dir, console, run, stop)
         stop.immediate = True
         try:
-            results = evaluate(cfg, run_dir, console, run, weights_path)
+            with _worker_loss_explained(f"during evaluation; the model is saved at {weights_path}: `gmixout "
+                                        f"finetune --resume {run_dir}` evaluates it"):
+                results = evaluate(cfg, run_dir, console, run, weights_path)
         except StopNow:
             raise Interrupted(f"stopped by {stop.requested} during evaluation; the model is saved at {weights_path}: "
                               f"`gmixout finetune --resume {run_dir}` evaluates it", stop.exit_code) from None
@@ -224,6 +228,19 @@ def train(cfg: Config, run_dir: Path, console: Console, run: Prepared, stop: Sto
             raise Interrupted(f"stopped at once by a second {stop.requested} during step {trainer.step + 1}; "
                               f"{last_checkpoint_note(run_dir)}", stop.exit_code) from None
         return log.elapsed(), log.images
+
+
+@contextlib.contextmanager
+def _worker_loss_explained(where: str) -> Iterator[None]:
+    """Outside training (checking images, the probe's features, evaluation) a loader worker killed on its own
+    ends the phase at once: one line says what was kept, instead of torch's traceback."""
+    try:
+        yield
+    except RuntimeError as exc:
+        if "DataLoader worker" not in str(exc):
+            raise
+        raise UserError(f"a data loader worker exited unexpectedly {where} (killed: out of memory? "
+                        "data.num_workers=N sets fewer workers)") from None
 
 
 class WorkerLost(Exception):
