@@ -222,3 +222,15 @@ def test_methods_lists_each_method_with_its_fields() -> None:
     assert result.exit_code == 0, result.output
     assert "randmask" in result.output and "lam=0.0 (fixed)" in result.output
     assert "head: linear_probe" in result.output and "lora_dropout=0.0" in result.output
+
+
+def test_evaluate_losing_a_loader_worker_is_one_line(run_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import gmixout_cli.eval as evaluation
+
+    def lost(*args, **kwargs) -> None:  # noqa: ANN002, ANN003 - what torch raises when a worker was killed
+        raise RuntimeError("DataLoader worker (pid 4242) is killed by signal: Killed.")
+
+    monkeypatch.setattr(evaluation, "evaluate_domains", lost)  # imported at call time
+    done = gmixout_main("evaluate", str(run_dir), "--workers", "0")
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert "a data loader worker exited unexpectedly" in done.stderr and "--workers N" in done.stderr

@@ -46,6 +46,13 @@ def main() -> None:
     except KeyboardInterrupt:
         err_console.print("[bold red]interrupted[/]")
         sys.exit(130)
+    except RuntimeError as exc:  # torch's words for a loader worker killed on its own (finetune explains its own)
+        if "DataLoader worker" not in str(exc):
+            raise
+        err_console.print("[bold red]error:[/] a data loader worker exited unexpectedly (killed: out of memory?): "
+                          "run the command again with fewer workers (--workers N, or data.num_workers=N); files "
+                          "already written are intact", highlight=False, soft_wrap=True)
+        sys.exit(2)
     except OSError as exc:
         if exc.errno not in DISK_ERRORS:
             raise
