@@ -70,6 +70,12 @@ def versions(modules: tuple[str, ...] = ("triton", "open_clip", "peft", "timm"))
 SMALL_RUN_FILES = ("results.json", "config.yaml", "wise.json", "metrics.jsonl")
 
 
+def lever_families(methods: str, variants: list[str]) -> list[str]:
+    """`--family` arguments: GMixout's mask levels (entries, whole filters) chosen between on held-out data."""
+    labels = [*methods.split(","), *(v.partition(":")[0].strip() for v in variants)]
+    return ["--family", "gmixout=gmixout,gmixout_filter"] if {"gmixout", "gmixout_filter"} <= set(labels) else []
+
+
 def publish_compare(folder: Path, stem: Path, extra: dict[str, Any], argv: list[str]) -> None:
     """A `gmixout compare` folder's report as stem.{json,md,png}, with provenance (`extra`: commit, command...),
     and its runs' small files as stem_runs.tgz: enough for the same command to continue on another machine

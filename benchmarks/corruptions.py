@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 from benchmarks import fmnist_c
-from benchmarks.bench_common import ROOT, git_head, publish_compare, restore_runs, run_gmixout
+from benchmarks.bench_common import ROOT, git_head, lever_families, publish_compare, restore_runs, run_gmixout
 
 METHODS = "full,lp,lpft,lora,mixout,randmask,gmixout"
 VARIANTS = ("full_update_bn:method.name=full method.norm_stats=update",  # BatchNorm statistics from the batches
@@ -36,7 +36,7 @@ def command(args: argparse.Namespace) -> list[str]:
            f"data.num_workers={args.workers}"]
     for v in args.variants:
         cmd += ["--variant", v]
-    return cmd + (["--dry-run"] if args.dry_run else [])
+    return cmd + lever_families(args.methods, args.variants) + (["--dry-run"] if args.dry_run else [])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from benchmarks.bench_common import ROOT, git_head, publish_compare, restore_runs, run_gmixout
+from benchmarks.bench_common import ROOT, git_head, lever_families, publish_compare, restore_runs, run_gmixout
 from gmixout_cli.utils.io import write_json, write_text
 
 SOURCES = ("art_painting", "cartoon", "photo", "sketch")
@@ -42,7 +42,7 @@ def command(args: argparse.Namespace, source: str) -> list[str]:
            f"data.num_workers={args.workers}"]
     for v in args.variants:
         cmd += ["--variant", v]
-    return cmd + (["--dry-run"] if args.dry_run else [])
+    return cmd + lever_families(args.methods, args.variants) + (["--dry-run"] if args.dry_run else [])
 
 
 def run_source(args: argparse.Namespace, source: str) -> None:

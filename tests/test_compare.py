@@ -236,3 +236,46 @@ def test_a_partial_report_says_so_and_the_plot_frames_the_rows(tmp_path: Path) -
     # the axes hold every row with its error bars and a margin; a WiSE-FT curve's chance-level end falls outside
     x0, x1, y0, y1 = _frame([(80.0, 60.0, 1.0, 2.0), (90.0, 50.0, 0.0, 0.0)])
     assert x0 < 79.0 and x1 > 90.0 and y0 < 50.0 and y1 > 62.0 and not x0 <= 10.0
+
+
+def test_a_family_runs_the_later_seeds_with_its_member_chosen_on_held_out(tmp_path: Path) -> None:
+    from gmixout_cli.compare.report import markdown, summarise
+
+    root = write_domains(tmp_path / "data", per_class=4)
+    plan = build_plan(None, [f"data.root={root / 'src'}", *TINY[2:], "model.name=timm:test_efficientnet"],
+                      ["full"], ["full_b:method.name=full train.weight_decay=0.01"], {}, [0, 1], [], [0.0, 1.0], 0,
+                      None, {"full": ["full", "full_b"]})
+    comparison = Comparison(plan, tmp_path / "out", Console(file=open(tmp_path / "log", "w")), lambda s: None)
+    trained: list[tuple[str, int]] = []
+
+    def train(row, key):  # noqa: ANN001 - full_b is better on held-out and worse out of domain
+        trained.append((key.label, key.seed))
+        results = {"id": {"src": 0.8 if key.label == "full_b" else 0.7}, "ood": {"tgt": 0.2}, "ood_avg": 0.2,
+                   "linear_probe": None}
+        comparison.results[(key.label, key.value, key.seed)] = results
+        return results
+
+    comparison.train = train  # type: ignore[method-assign]
+    assert [k.label for _, k in comparison.todo()].count("full_b") == 3  # before the choice: the first counts
+    state = comparison.run()
+    assert state["families"] == {"full": {"members": ["full", "full_b"], "chosen": "full_b"}}
+    assert [t for t in trained if t[1] == 1] == [("full_b", 1)]  # the unchosen member runs the first seed only
+    summary = summarise(state)
+    assert summary["full_b"]["family"] == "chosen for full" and summary["full"]["family"] == "full: not chosen"
+    table = markdown(state, summary, ["tgt"], "t")
+    assert "| full_b (chosen for full, on held-out) |" in table
+    assert "| full (full: not chosen, first seed only) |" in table
+
+
+@pytest.mark.parametrize(("families", "message"), [
+    ({"g": ["full", "nope"]}, "--family g names 'nope', which is not a row"),
+    ({"g": ["full", "full"]}, "--family g needs at least two distinct rows"),
+    ({"g": ["full", "lp"], "h": ["lp", "full"]}, "a row is in two --family groups"),
+])
+def test_family_problems_are_named(tmp_path: Path, families: dict, message: str) -> None:
+    from gmixout_cli.errors import UserError
+
+    root = write_domains(tmp_path / "data", per_class=4)
+    with pytest.raises(UserError, match=message):
+        build_plan(None, [f"data.root={root / 'src'}", *TINY[2:], "model.name=timm:test_efficientnet"],
+                   ["full", "lp"], [], {}, [0, 1], [], [0.0, 1.0], 0, None, families)

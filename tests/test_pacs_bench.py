@@ -35,6 +35,9 @@ def test_each_source_is_one_compare_command_with_the_same_budget(tmp_path: Path)
     assert cmd[:3] == ["compare", "--data", str(tmp_path / "pacs" / "sketch")]
     assert "train.max_steps=600" in cmd and "data.image_size=96" in cmd and cmd[-1] == "--dry-run"
     assert cmd.count("--variant") == 2 and "--wise" in cmd
+    assert cmd[cmd.index("--family") + 1] == "gmixout=gmixout,gmixout_filter"  # mask levels chosen on held-out
+    ns.variants = []
+    assert "--family" not in pacs.command(ns, "sketch")
 
 
 def test_pooled_means_every_source_target_pair_per_seed() -> None:

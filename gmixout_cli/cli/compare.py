@@ -43,6 +43,10 @@ def compare(
                                    "two values, three to bracket the best; default: three points of the 1-3-10 "
                                    "series around the recipe's rate, scaled per method). Repeatable.",
                                    show_default=False),
+    family: list[str] = typer.Option(None, "--family", help="Rows that are one method's own levers, "
+                                     "'NAME=ROW1,ROW2' (e.g. gmixout=gmixout,gmixout_filter): the one with the best "
+                                     "held-out score at the first seed stands for NAME and alone runs the other "
+                                     "seeds. Repeatable.", show_default=False),
     max_extensions: int = typer.Option(3, "--max-extensions", min=0, help="How often a grid may grow past an "
                                        "edge where its best value lies."),
     wise: str = typer.Option(None, "--wise", help="Rows whose kept runs get a WiSE-FT curve (comma-separated; "
@@ -85,11 +89,17 @@ def compare(
         if not sep:
             raise UserError(f"--grid '{g}' is not LABEL=V1,V2,V3: write it like gmixout=1e-5,3e-5,1e-4")
         grids[label.strip()] = _floats(values, f"--grid {label}")
+    families: dict[str, list[str]] = {}
+    for f in family or []:
+        name, sep, members = f.partition("=")
+        if not sep or not name.strip():
+            raise UserError(f"--family '{f}' is not NAME=ROW1,ROW2: write it like gmixout=gmixout,gmixout_filter")
+        families[name.strip()] = split_csv(members) or []
     seed_list = [int(v) for v in _floats(seeds, "--seeds")]
     rows = (split_csv(methods) or []) + [v.partition(":")[0].strip() for v in variant or []]
     wise_rows = [r for r in ("lpft", "gmixout") if r in rows] if wise is None else split_csv(wise) or []
     plan = build_plan(recipe, shared, split_csv(methods) or [], variant or [], grids, seed_list,
-                      wise_rows, _floats(alphas, "--alphas"), max_extensions, split_csv(id_test))
+                      wise_rows, _floats(alphas, "--alphas"), max_extensions, split_csv(id_test), families)
     first = plan.config(plan.rows[0], plan.rows[0].grid[0], seed_list[0])
     if plan.id_test:
         from gmixout_cli.data import load_domain, sibling_domains
@@ -132,20 +142,25 @@ def _print_plan(comparison, folder: Path) -> None:  # noqa: ANN001 - a Compariso
     def later_seeds_done(row) -> int:  # noqa: ANN001 - a Row; a later seed runs once, at the kept value
         return sum(any((folder / "runs" / row.label).glob(f"*-s{seed}/results.json")) for seed in plan.seeds[1:])
 
+    def later_seeds(row) -> int:  # noqa: ANN001 - a Row; a family's chosen member alone runs them (counted once)
+        return len(plan.seeds) - 1 if comparison.runs_every_seed(row.label) else 0
+
     pending = {r.label: sum(not comparison.finished(r, RunKey(r.label, v, plan.seeds[0])) for v in r.grid)
-               + len(plan.seeds) - 1 - later_seeds_done(r) for r in plan.rows}
+               + max(0, later_seeds(r) - later_seeds_done(r)) for r in plan.rows}
     measured = measured_step_s(folder / "runs")
     seconds = estimate(plan, comparison.steps, pending, measured)
     table = Table(title=f"gmixout compare: the plan ({folder})")
     for col in ("row", "overrides", "tuned", "grid", "runs", "to run", "estimate"):
         table.add_column(col)
     for r in plan.rows:
-        runs = len(r.grid) + len(plan.seeds) - 1
+        runs = len(r.grid) + later_seeds(r)
         table.add_row(r.label, " ".join(r.overrides), r.key, ", ".join(f"{v:g}" for v in r.grid), str(runs),
                       str(pending[r.label]), clock(seconds[r.label]))
     console.print(table)
     console.print(f"seeds {plan.seeds}; {comparison.steps} optimizer steps per run; WiSE-FT on "
-                  f"{', '.join(plan.wise) or 'no row'} at alphas {plan.alphas}")
+                  f"{', '.join(plan.wise) or 'no row'} at alphas {plan.alphas}"
+                  + "".join(f"; family {k}: {', '.join(v)} (the member chosen on held-out runs the later seeds)"
+                            for k, v in plan.families.items()))
     pace = f"the pace of this comparison's finished {', '.join(sorted(measured))} runs, else timed steps" \
         if measured else "timed steps"
     console.print(f"[bold]estimated time[/] {clock(sum(seconds.values()))} on this machine ({pace}; a grid "

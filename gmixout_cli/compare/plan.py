@@ -69,6 +69,9 @@ class Plan:
     # sibling domains drawn from the training distribution (a clean test set beside corrupted ones): reported
     # as in-distribution test accuracy, left out of the out-of-domain mean
     id_test: list[str] = field(default_factory=list)
+    # a method's own levers as rows of one family (GMixout with entry and filter masks, say): the member with
+    # the best held-out score at the first seed stands for the family and alone runs the other seeds
+    families: dict[str, list[str]] = field(default_factory=dict)
 
     def row(self, label: str) -> Row:
         return next(r for r in self.rows if r.label == label)
@@ -122,7 +125,8 @@ def extend(grid: list[float], upward: bool) -> float:
 
 def build_plan(recipe: str | None, shared: list[str], methods: list[str], variants: list[str],
                grids: dict[str, list[float]], seeds: list[int], wise: list[str], alphas: list[float],
-               max_extensions: int, id_test: list[str] | None = None) -> Plan:
+               max_extensions: int, id_test: list[str] | None = None,
+               families: dict[str, list[str]] | None = None) -> Plan:
     """Check everything the comparison will need before any run starts (every problem is a UserError)."""
     if not seeds:
         raise UserError("--seeds is empty: give at least one seed, e.g. --seeds 0,1,2")
@@ -156,8 +160,20 @@ def build_plan(recipe: str | None, shared: list[str], methods: list[str], varian
     for label in [*grids, *wise]:
         if label not in labels:
             raise UserError(f"'{label}' in --grid/--wise is not a row of this comparison: rows are {', '.join(labels)}")
+    families = families or {}
+    for name, members in families.items():
+        unknown = [m for m in members if m not in labels]
+        if unknown:
+            raise UserError(f"--family {name} names '{unknown[0]}', which is not a row of this comparison: rows are "
+                            f"{', '.join(labels)}")
+        if len(set(members)) < 2:
+            raise UserError(f"--family {name} needs at least two distinct rows, e.g. "
+                            "--family gmixout=gmixout,gmixout_filter")
+    grouped = [m for members in families.values() for m in set(members)]
+    if len(set(grouped)) != len(grouped):
+        raise UserError("a row is in two --family groups: give each row at most one family")
     plan = Plan(recipe, list(shared), [], list(seeds), list(wise), list(alphas), max_extensions,
-                id_test=list(id_test or []))
+                id_test=list(id_test or []), families={k: list(dict.fromkeys(v)) for k, v in families.items()})
     for label, overrides in specs:
         for o in overrides:
             if o.split("=", 1)[0].strip().startswith(SHARED_PREFIXES):

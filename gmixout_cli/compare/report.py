@@ -70,6 +70,7 @@ def summarise(state: dict[str, Any]) -> dict[str, dict[str, Any]]:
         summary["below_start"] = bool(starts) and start_gap(summary["start"]["mean"], summary["id"]["mean"], runs)
         summary["diverged"] = sorted({r["value"] for r in state["runs"] if r["label"] == label and r.get("diverged")})
         summary["diverged_seeds"] = len(kept) - len(runs)
+        summary["family"] = family_role(state, label)
         out[label] = summary
     for wise in _group_wise(state):
         label, curves = wise
@@ -78,8 +79,21 @@ def summarise(state: dict[str, Any]) -> dict[str, dict[str, Any]]:
         out[f"wise-ft ({label})"] = {**{k: mean_std([p[k] for p in points]) for k in points[0]},
                                      "key": "alpha", "grid": sorted({p["alpha"] for c in curves for p in c}),
                                      "selected": alphas, "at_edge": False, "start": None, "below_start": False,
-                                     "diverged": [], "diverged_seeds": 0}
+                                     "diverged": [], "diverged_seeds": 0, "family": family_role(state, label)}
     return out
+
+
+def family_role(state: dict[str, Any], label: str) -> str | None:
+    """A family member's part once the family chose: 'chosen for F' or 'F: not chosen' (else None)."""
+    for name, family in state.get("families", {}).items():
+        if label in family["members"] and family["chosen"]:
+            return f"chosen for {name}" if label == family["chosen"] else f"{name}: not chosen"
+    return None
+
+
+def headline(summary: dict[str, Any]) -> bool:
+    """Whether a summary row stands in the headline (a family's unchosen members ran the first seed only)."""
+    return not (summary.get("family") or "").endswith("not chosen")
 
 
 def _group_wise(state: dict[str, Any]) -> list[tuple[str, list[list[dict[str, Any]]]]]:
@@ -119,7 +133,9 @@ def markdown(state: dict[str, Any], summary: dict[str, dict[str, Any]], domains:
         selected = s["selected"] if isinstance(s["selected"], list) else [s["selected"]]
         grid = ", ".join(f"**{v:g}**" if v in selected else f"{v:g}†" if v in s.get("diverged", []) else f"{v:g}"
                          for v in s["grid"])
-        flags = (" (edge)" if s["at_edge"] else "") + (" ⚠ below its start" if s["below_start"] else "") + (
+        role = s.get("family")
+        flags = (f" ({role}, on held-out)" if role and headline(s) else f" ({role}, first seed only)" if role
+                 else "") + (" (edge)" if s["at_edge"] else "") + (" ⚠ below its start" if s["below_start"] else "") + (
             f" ({s['diverged_seeds']} seeds diverged)" if s.get("diverged_seeds") else "")
         cells = " | ".join(_cell(s[d]) for d in domains)
         lines.append(f"| {label}{flags} | {s['key'].split('.')[-1]} | {grid} | {_cell(s['id'])} | {cells} | "
@@ -132,7 +148,9 @@ def markdown(state: dict[str, Any], summary: dict[str, dict[str, Any]], domains:
               "split at the first seed (an *edge* value could not be bracketed within the allowed grid "
               "extensions; † diverged); WiSE-FT's alpha is chosen per seed on the same split."
               + (f" The OOD mean leaves out {', '.join(id_test)} (drawn from the training distribution)."
-                 if id_test else "")]
+                 if id_test else "")
+              + (" Rows of a family (one method's own levers) were chosen among on the same split at the first "
+                 "seed; the chosen one ran every seed, the others the first only." if state.get("families") else "")]
     orc = oracle(state)
     if orc:
         lines += ["", "#### Oracle (selected on the target domains, first seed only: headroom, not a result)", "",
@@ -149,13 +167,15 @@ def plot(path: Path, state: dict[str, Any], summary: dict[str, dict[str, Any]], 
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 5), dpi=120)
-    rows = {k: s for k, s in summary.items() if not k.startswith("wise-ft")}
+    rows = {k: s for k, s in summary.items() if not k.startswith("wise-ft") and headline(s)}
     for label, s in rows.items():
         ax.errorbar(s["id"]["mean"], s["ood_mean"]["mean"], xerr=s["id"]["std"], yerr=s["ood_mean"]["std"],
                     fmt="o", capsize=3, label=label)
     box = _frame([(s["id"]["mean"], s["ood_mean"]["mean"], s["id"]["std"], s["ood_mean"]["std"])
                   for s in rows.values()])
     for label, curves in _group_wise(state):
+        if not headline(summary.get(f"wise-ft ({label})", {})):
+            continue
         alphas = sorted({p["alpha"] for c in curves for p in c})
         xs, ys = [], []
         for a in alphas:
@@ -196,7 +216,7 @@ def compare_command(argv: list[str]) -> str:
 def write_report(out: Path, state: dict[str, Any], title: str) -> dict[str, Any]:
     """compare.json, compare.md, compare.png in `out`; returns the JSON's content."""
     summary = summarise(state)
-    done = [s["id"]["n"] for k, s in summary.items() if not k.startswith("wise-ft")]
+    done = [s["id"]["n"] for k, s in summary.items() if not k.startswith("wise-ft") and headline(s)]
     if done and min(done) < len(state["plan"]["seeds"]):  # a comparison stopped early publishes what it has
         seeds = f"{min(done)}" if min(done) == max(done) else f"{min(done)} to {max(done)}"
         title += f" (partial: {seeds} of {len(state['plan']['seeds'])} seeds so far)"

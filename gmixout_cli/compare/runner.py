@@ -49,6 +49,7 @@ class Comparison:
         self.results: dict[tuple[str, float, int], Results] = {}
         self.grids: dict[str, list[float]] = {r.label: list(r.grid) for r in plan.rows}
         self.selected: dict[str, float] = {}
+        self.chosen: dict[str, str] = {}  # family -> its member chosen on the held-out split
         self.wise: dict[tuple[str, int], list[dict[str, Any]]] = {}
         self._eval_data: tuple[Any, Any] | None = None
         self.progress = PlanProgress(console, self.steps)
@@ -57,8 +58,23 @@ class Comparison:
         """Every run the plan names now (grids as extended so far), in execution order."""
         first = [(r, RunKey(r.label, v, self.plan.seeds[0])) for r in self.plan.rows for v in self.grids[r.label]]
         rest = [(r, RunKey(r.label, self.selected.get(r.label, r.grid[len(r.grid) // 2]), s))
-                for s in self.plan.seeds[1:] for r in self.plan.rows]
+                for s in self.plan.seeds[1:] for r in self.plan.rows if self.runs_every_seed(r.label)]
         return first + rest
+
+    def runs_every_seed(self, label: str) -> bool:
+        """A row outside any family, or its family's chosen member (before the choice: the first, for counting)."""
+        for name, members in self.plan.families.items():
+            if label in members:
+                return label == self.chosen.get(name, members[0])
+        return True
+
+    def choose_families(self) -> None:
+        """Each family's member with the best held-out score at the first seed (ties: the first listed)."""
+        for name, members in self.plan.families.items():
+            scores = {m: self._held_out(self.results[(m, self.selected[m], self.plan.seeds[0])]) for m in members}
+            self.chosen[name] = max(members, key=lambda m: (scores[m], -members.index(m)))
+            self.console.print(f"family [yellow]{name}[/]: {self.chosen[name]} chosen on the held-out split ("
+                               + ", ".join(f"{m} {v:.3f}" for m, v in scores.items()) + ")")
 
     def run(self) -> dict[str, Any]:
         with self.progress:
@@ -70,8 +86,9 @@ class Comparison:
                 self.select(row)
                 if row.label in self.plan.wise:
                     self.wise_curve(row, self.plan.seeds[0])
+            self.choose_families()
             for seed in self.plan.seeds[1:]:  # phase 2: the other seeds at the kept value
-                for row in self.plan.rows:
+                for row in [r for r in self.plan.rows if self.runs_every_seed(r.label)]:
                     self.train(row, RunKey(row.label, self.selected[row.label], seed))
                     if row.label in self.plan.wise:
                         self.wise_curve(row, seed)
@@ -211,6 +228,8 @@ class Comparison:
                                "initial_grid": list(r.grid)} for r in self.plan.rows]},
             "grids": {k: sorted(v) for k, v in self.grids.items()},
             "selected": dict(self.selected),
+            "families": {name: {"members": members, "chosen": self.chosen.get(name)}
+                         for name, members in self.plan.families.items()},
             "runs": [{"label": label, "value": value, "seed": seed, "dir": str(run_dir(
                 self.out, self.plan.row(label), RunKey(label, value, seed)).relative_to(self.out)),
                       **{k: r.get(k) for k in ("id", "ood", "ood_avg", "steps", "train_time_s", "linear_probe",
