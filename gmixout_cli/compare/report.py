@@ -125,8 +125,14 @@ def markdown(state: dict[str, Any], summary: dict[str, dict[str, Any]], domains:
     """The headline table (selection on held-out in-domain data only), then the oracle table."""
     id_test = [d for d in domains if d in _id_test(state)]
     domains = id_test + [d for d in domains if d not in id_test]  # in-distribution tests first, apart from the mean
-    lines = [f"### {title}", "",
-             "| method | tuned | grid (selected in bold) | held-out ID | "
+    lines = [f"### {title}", ""]
+    if len(domains) > 3:  # many test domains: their means first, each domain in the full table below
+        lines += ["| method | held-out ID | " + "".join(f"{d} (ID test) | " for d in id_test) + "OOD mean | seeds |",
+                  "|---|---|" + "---|" * len(id_test) + "---|---|"]
+        lines += [f"| {label} | {_cell(s['id'])} | " + "".join(f"{_cell(s[d])} | " for d in id_test)
+                  + f"{_cell(s['ood_mean'])} | {s['id']['n']} |" for label, s in summary.items() if headline(s)]
+        lines += ["", "Every test domain:", ""]
+    lines += ["| method | tuned | grid (selected in bold) | held-out ID | "
              + " | ".join(f"{d} (ID test)" if d in id_test else d for d in domains) + " | OOD mean | seeds |",
              "|---|---|---|---|" + "---|" * len(domains) + "---|---|"]
     for label, s in summary.items():
