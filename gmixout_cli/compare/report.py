@@ -172,7 +172,7 @@ def plot(path: Path, state: dict[str, Any], summary: dict[str, dict[str, Any]], 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 5), dpi=120)
+    fig, ax = plt.subplots(figsize=(10, 5), dpi=120)
     rows = {k: s for k, s in summary.items() if not k.startswith("wise-ft") and headline(s)}
     for label, s in rows.items():
         ax.errorbar(s["id"]["mean"], s["ood_mean"]["mean"], xerr=s["id"]["std"], yerr=s["ood_mean"]["std"],
@@ -192,14 +192,14 @@ def plot(path: Path, state: dict[str, Any], summary: dict[str, dict[str, Any]], 
         off = [f"{a:g} at {x:.1f}, {y:.1f}" for a, x, y in zip(alphas, xs, ys, strict=True)
                if not (box[0] <= x <= box[1] and box[2] <= y <= box[3])]
         ax.plot(xs, ys, "--", marker=".", label=f"WiSE-FT ({label}), alpha {alphas[0]:g}..{alphas[-1]:g}"
-                + (f"; off the axes: alpha {'; '.join(off)}" if off else ""))
+                + "".join(f"\n  off the axes: alpha {o}" for o in off))
     ax.set_xlim(box[0], box[1])
     ax.set_ylim(box[2], box[3])
     ax.set_xlabel("held-out in-domain top-1 (%)")
     ax.set_ylabel("out-of-domain mean top-1 (%)")
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the points, never on them
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
