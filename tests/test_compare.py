@@ -279,3 +279,12 @@ def test_family_problems_are_named(tmp_path: Path, families: dict, message: str)
     with pytest.raises(UserError, match=message):
         build_plan(None, [f"data.root={root / 'src'}", *TINY[2:], "model.name=timm:test_efficientnet"],
                    ["full", "lp"], [], {}, [0, 1], [], [0.0, 1.0], 0, None, families)
+
+
+def test_a_continuing_comparison_counts_later_seeds_already_run_at_the_kept_value(tmp_path: Path) -> None:
+    comparison, _ = _fake_comparison(tmp_path, peak=1e-4)
+    done = tmp_path / "out" / "runs" / "full" / "lr0.0003-s1"  # kept 3e-4 in an earlier session, not yet reloaded
+    done.mkdir(parents=True)
+    (done / "results.json").write_text("{}")
+    (later,) = [(row, key) for row, key in comparison.todo() if key.seed == 1]
+    assert later[1].value == 3e-4 and comparison.finished(*later)  # not the grid's middle, 1e-4, still to run

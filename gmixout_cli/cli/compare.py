@@ -134,19 +134,16 @@ def compare(
 
 def _print_plan(comparison, folder: Path) -> None:  # noqa: ANN001 - a Comparison
     from gmixout_cli.compare.estimate import estimate, measured_step_s
-    from gmixout_cli.compare.plan import RunKey
     from gmixout_cli.compare.progress import clock
 
     plan = comparison.plan
 
-    def later_seeds_done(row) -> int:  # noqa: ANN001 - a Row; a later seed runs once, at the kept value
-        return sum(any((folder / "runs" / row.label).glob(f"*-s{seed}/results.json")) for seed in plan.seeds[1:])
-
     def later_seeds(row) -> int:  # noqa: ANN001 - a Row; a family's chosen member alone runs them (counted once)
         return len(plan.seeds) - 1 if comparison.runs_every_seed(row.label) else 0
 
-    pending = {r.label: sum(not comparison.finished(r, RunKey(r.label, v, plan.seeds[0])) for v in r.grid)
-               + max(0, later_seeds(r) - later_seeds_done(r)) for r in plan.rows}
+    todo = comparison.todo()
+    pending = {r.label: sum(not comparison.finished(row, key) for row, key in todo if row.label == r.label)
+               for r in plan.rows}
     measured = measured_step_s(folder / "runs")
     seconds = estimate(plan, comparison.steps, pending, measured)
     table = Table(title=f"gmixout compare: the plan ({folder})")

@@ -57,9 +57,22 @@ class Comparison:
     def todo(self) -> list[tuple[Row, RunKey]]:
         """Every run the plan names now (grids as extended so far), in execution order."""
         first = [(r, RunKey(r.label, v, self.plan.seeds[0])) for r in self.plan.rows for v in self.grids[r.label]]
-        rest = [(r, RunKey(r.label, self.selected.get(r.label, r.grid[len(r.grid) // 2]), s))
+        rest = [(r, RunKey(r.label, self.later_value(r, s), s))
                 for s in self.plan.seeds[1:] for r in self.plan.rows if self.runs_every_seed(r.label)]
         return first + rest
+
+    def later_value(self, row: Row, seed: int) -> float:
+        """The value a later seed runs at: the kept one; before the choice, that of a finished run of the seed in
+        OUT (a continuing comparison), else the grid's middle (the count is the same)."""
+        if row.label in self.selected:
+            return self.selected[row.label]
+        prefix = row.key.rsplit(".", 1)[-1]
+        for done in sorted((self.out / "runs" / row.label).glob(f"{prefix}*-s{seed}/results.json")):
+            try:
+                return float(done.parent.name[len(prefix):].rsplit("-s", 1)[0])
+            except ValueError:  # a folder of another naming: not counted
+                continue
+        return row.grid[len(row.grid) // 2]
 
     def runs_every_seed(self, label: str) -> bool:
         """A row outside any family, or its family's chosen member (before the choice: the first, for counting)."""
