@@ -71,9 +71,11 @@ SMALL_RUN_FILES = ("results.json", "config.yaml", "wise.json", "metrics.jsonl")
 
 
 def lever_families(methods: str, variants: list[str]) -> list[str]:
-    """`--family` arguments: GMixout's mask levels (entries, whole filters) chosen between on held-out data."""
+    """`--family` arguments: GMixout and its `gmixout_*` variants (mask level, anchor EMA...) are one method
+    whose levers are chosen on held-out data."""
     labels = [*methods.split(","), *(v.partition(":")[0].strip() for v in variants)]
-    return ["--family", "gmixout=gmixout,gmixout_filter"] if {"gmixout", "gmixout_filter"} <= set(labels) else []
+    members = [label for label in labels if label == "gmixout" or label.startswith("gmixout_")]
+    return ["--family", "gmixout=" + ",".join(members)] if "gmixout" in members and len(members) > 1 else []
 
 
 def publish_compare(folder: Path, stem: Path, extra: dict[str, Any], argv: list[str]) -> None:
