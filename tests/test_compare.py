@@ -218,6 +218,8 @@ def test_progress_counts_resumed_and_finished_runs_and_projects_the_eta(monkeypa
     assert "2 runs left, ETA 4m46s" in p.eta_note()
     p.add_runs(1)
     assert p.total == 50 and progress.clock(3725) == "1h02m"
+    p.add_runs(1, finished=True)  # a grown grid's run that a continuing comparison finished before
+    assert (p.done, p.total) == (30, 60) and "3 runs left" in p.eta_note()
 
 
 def test_a_partial_report_says_so_and_the_plot_frames_the_rows(tmp_path: Path) -> None:

@@ -51,8 +51,11 @@ class PlanProgress:
         self.done = sum(finished) * self.steps_per_run
         self._refresh()
 
-    def add_runs(self, n: int) -> None:
+    def add_runs(self, n: int, finished: bool = False) -> None:
+        """Runs a grown grid adds; a continuing comparison may have finished them already."""
         self.total += n * self.steps_per_run
+        if finished:
+            self.done += n * self.steps_per_run
         self._refresh()
 
     def start_run(self, description: str) -> None:

@@ -131,8 +131,9 @@ class Comparison:
             self.console.print(f"[yellow]{row.label}[/]: best {row.key}={best:g} is at the grid's edge; "
                                f"adding {new:g}")
             self.grids[row.label].append(new)
-            self.progress.add_runs(1)
-            self.train(row, RunKey(row.label, new, self.plan.seeds[0]))
+            key = RunKey(row.label, new, self.plan.seeds[0])
+            self.progress.add_runs(1, finished=self.finished(row, key))
+            self.train(row, key)
 
     def train(self, row: Row, key: RunKey) -> Results:
         """One run through the product's finetune (reused when finished, continued when checkpointed)."""
