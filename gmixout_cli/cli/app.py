@@ -15,6 +15,7 @@ import typer
 from gmixout_cli.cli import compare, evaluate, finetune, merge, profile, recipes
 from gmixout_cli.cli.common import err_console
 from gmixout_cli.errors import UserError
+from gmixout_cli.utils.signals import is_worker_loss
 
 DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)  # the disk, not the program: one line, no traceback
 
@@ -46,8 +47,8 @@ def main() -> None:
     except KeyboardInterrupt:
         err_console.print("[bold red]interrupted[/]")
         sys.exit(130)
-    except RuntimeError as exc:  # torch's words for a loader worker killed on its own (finetune explains its own)
-        if "DataLoader worker" not in str(exc):
+    except RuntimeError as exc:  # a loader worker killed on its own (finetune explains its own)
+        if not is_worker_loss(exc):
             raise
         err_console.print("[bold red]error:[/] a data loader worker exited unexpectedly (killed: out of memory?): "
                           "run the command again with fewer workers (--workers N, or data.num_workers=N); files "

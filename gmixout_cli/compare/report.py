@@ -140,8 +140,8 @@ def markdown(state: dict[str, Any], summary: dict[str, dict[str, Any]], domains:
         grid = ", ".join(f"**{v:g}**" if v in selected else f"{v:g}†" if v in s.get("diverged", []) else f"{v:g}"
                          for v in s["grid"])
         role = s.get("family")
-        flags = (f" ({role}, on held-out)" if role and headline(s) else f" ({role}, first seed only)" if role
-                 else "") + (" (edge)" if s["at_edge"] else "") + (" ⚠ below its start" if s["below_start"] else "") + (
+        member = f" ({role}, {'on held-out' if headline(s) else 'first seed only'})" if role else ""
+        flags = member + (" (edge)" if s["at_edge"] else "") + (" ⚠ below its start" if s["below_start"] else "") + (
             f" ({s['diverged_seeds']} seeds diverged)" if s.get("diverged_seeds") else "")
         cells = " | ".join(_cell(s[d]) for d in domains)
         lines.append(f"| {label}{flags} | {s['key'].split('.')[-1]} | {grid} | {_cell(s['id'])} | {cells} | "

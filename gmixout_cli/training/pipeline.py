@@ -51,7 +51,7 @@ from gmixout_cli.training.steplog import StepLogger
 from gmixout_cli.utils.environment import environment
 from gmixout_cli.utils.io import save_safetensors, write_json
 from gmixout_cli.utils.memory import peak_memory_bytes, resolve_device
-from gmixout_cli.utils.signals import StopFlag, StopNow, stop_on_signals, worker_deaths_between_steps
+from gmixout_cli.utils.signals import StopFlag, StopNow, is_worker_loss, stop_on_signals, worker_deaths_between_steps
 
 
 @dataclass
@@ -237,7 +237,7 @@ def _worker_loss_explained(where: str) -> Iterator[None]:
     try:
         yield
     except RuntimeError as exc:
-        if "DataLoader worker" not in str(exc):
+        if not is_worker_loss(exc):
             raise
         raise UserError(f"a data loader worker exited unexpectedly {where} (killed: out of memory? "
                         "data.num_workers=N sets fewer workers)") from None
@@ -257,8 +257,8 @@ def _batches(loader: DataLoader, stop: StopFlag) -> Iterator[Any]:
         batches = iter(loader)
         with worker_deaths_between_steps():
             yield from batches
-    except RuntimeError as exc:  # torch: "DataLoader worker (pid(s) 123) exited unexpectedly"
-        if "DataLoader worker" not in str(exc):
+    except RuntimeError as exc:
+        if not is_worker_loss(exc):
             raise
         if stop.requested:  # a worker the signal reached before it could ignore it
             return

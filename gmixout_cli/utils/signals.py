@@ -107,3 +107,9 @@ def worker_deaths_between_steps() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGCHLD, previous)
+
+
+def is_worker_loss(exc: BaseException) -> bool:
+    """Whether torch raised this because a DataLoader worker died ("DataLoader worker (pid(s) 123) exited
+    unexpectedly", "... is killed by signal: Killed.")."""
+    return isinstance(exc, RuntimeError) and "DataLoader worker" in str(exc)
