@@ -29,11 +29,11 @@ save_runs() {  # the PACS runs' small files (no weights) for the next call; WiSE
 case "${1:-check}" in
   check)
     # Kernels on CUDA against their references; one step benchmark: ViT-B/16, batch 128, bf16, full vs LoRA r=8
-    # vs GMixout, with and without activation checkpointing (step time, peak memory, ratios); the memory
+    # vs GMixout (fp32 and bf16 target weights), with and without activation checkpointing (step time, peak memory, ratios); the memory
     # predictor against max_memory_allocated for the same three; with two GPUs, 2 ranks (NCCL) against one.
     TRITON_INTERPRET=0 timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py \
       tests/test_kernel_targets.py 2>&1 | tee "$OUT/kernel_tests.log"
-    timeout 210 python3 -m benchmarks.step_bench --archs ViT-B-16 --batches 128 --methods full,lora_r8,gmixout \
+    timeout 210 python3 -m benchmarks.step_bench --archs ViT-B-16 --batches 128 --methods full,lora_r8,gmixout,gmixout_bf16w \
       --checkpointing both --out "$OUT/step_bench_b16_b128.json" 2>&1 | tee "$OUT/step_bench_b16_b128.log"
     timeout 120 python3 -m benchmarks.predict_memory validate --gpu \
       --out "$OUT/memory_predictor_validation_cuda.json" 2>&1 | tee "$OUT/memory_predictor.log"

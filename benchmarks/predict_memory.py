@@ -37,9 +37,11 @@ CPU_CONFIGS = [
     ("timm:efficientnet_lite0", "gmixout", 16, ["data.image_size=128", "method.mask=filter"]),
 ]
 GPU_CONFIGS = [("vit_b16_clip", m, 128, ["train.precision=bf16", *extra])
-               for m, extra in (("full", []), ("lora", ["method.r=8"]), ("gmixout", []))]
+               for m, extra in (("full", []), ("lora", ["method.r=8"]), ("gmixout", []),
+                                ("gmixout", ["method.weight_dtype=bf16"]))]
 BIG = [("vit_b16_clip", 128), ("vit_l14_clip", 64)]
-METHODS = {"gmixout": [], "full": [], "lora r=8": ["method.r=8"]}
+METHODS = {"gmixout": [], "gmixout bf16 weights": ["method.weight_dtype=bf16"], "full": [],
+           "lora r=8": ["method.r=8"]}
 
 
 def config(model: str, method: str, batch: int, extra: list[str]) -> Any:

@@ -15,7 +15,8 @@ batch on the device (no data loading). bf16 autocast on CUDA, fp32 on CPU.
 
 Methods: each is built and stepped by the product: `make_trainer` on the ViT's default targets
 (`VIT_TARGETS` of gmixout_cli/models/clip.py), with the product's defaults for clipping and schedule.
-`full`; `gmixout` (p, k from --p/--k); `mixout` (p from --p); `lora_r8` / `lora_r16`, the product's
+`full`; `gmixout` (p, k from --p/--k); `gmixout_bf16w`, the same with bf16 target weights
+(method.weight_dtype=bf16, bf16 autocast on CPU too); `mixout` (p from --p); `lora_r8` / `lora_r16`, the product's
 `lora` method (peft; alpha = 2r, no dropout; peft's lora.MultiheadAttention wraps in_proj and out_proj).
 One step is `Trainer.train_step`.
 
@@ -106,11 +107,14 @@ def method_section(name: str, args: argparse.Namespace) -> dict[str, Any]:
     if name.startswith("lora_r"):
         rank = int(name.removeprefix("lora_r"))
         return {"name": "lora", "r": rank, "alpha": 2 * rank, "lora_dropout": 0.0}
-    section: dict[str, Any] = {"name": name}
-    if name in ("gmixout", "mixout"):
+    base = name.removesuffix("_bf16w")
+    section: dict[str, Any] = {"name": base}
+    if base in ("gmixout", "mixout"):
         section["p"] = args.p
-    if name == "gmixout":
+    if base == "gmixout":
         section["k"] = args.k
+    if name != base:
+        section["weight_dtype"] = "bf16"
     return section
 
 
@@ -125,7 +129,8 @@ def build_trainer(visual: nn.Module, arch: str, size: int, method_name: str, ckp
     cfg = build_config({
         "model": {"name": f"open_clip:{arch}", "weights": "random"},
         "method": method_section(method_name, args),
-        "train": {"lr": args.lr, "precision": "bf16" if device.type == "cuda" else "fp32",
+        "train": {"lr": args.lr, "precision": "bf16" if device.type == "cuda" or method_name.endswith("_bf16w")
+                  else "fp32",
                   "grad_checkpointing": ckpt},
     })
     trainer = make_trainer(cfg, built, device, total_steps)

@@ -21,10 +21,11 @@ from gmixout_cli.kernels import masks, sparse_adamw, sparse_ops  # noqa: E402
 F32_SCALARS = ("lr", "beta1", "beta2", "eps", "decay", "step_size", "bc2_sqrt", "scale", "coef")
 
 
-def _signature(kernel: triton.runtime.jit.JITFunction, pointers: dict[str, str], ints: dict[str, str]) -> dict:
+def _signature(kernel: triton.runtime.jit.JITFunction, pointers: dict[str, str], ints: dict[str, str],
+               constexprs: dict[str, object]) -> dict:
     sig = {}
     for name in kernel.arg_names:
-        if name == "BLOCK":
+        if name in constexprs:
             sig[name] = "constexpr"
         elif name in pointers:
             sig[name] = pointers[name]
@@ -35,18 +36,24 @@ def _signature(kernel: triton.runtime.jit.JITFunction, pointers: dict[str, str],
     return sig
 
 
-# What the wrappers launch: the engine's weights, deltas and moments are fp32, indices int32; a weight
-# gradient reaches the gather in fp32 or, under bf16 autocast of a bf16 weight, bf16.
+# What the wrappers launch: deltas, moments and anchor values are fp32, indices int32; the dense target
+# weight is fp32 or, with method.weight_dtype=bf16, bf16 (its gradient then reaches the gather in bf16).
+_ADAMW = {p: "*fp32" for p in ("val_ptr", "grad_ptr", "m_ptr", "v_ptr", "anchor_ptr")} | {"idx_ptr": "*i32"}
 LAUNCHES = [
-    (masks._keep_kernel, masks.BLOCK, {"out_ptr": "*i8"}, {"seed": "i64", "threshold": "i64"}, "int8 mask"),
-    (sparse_adamw._sparse_adamw_kernel, sparse_adamw.BLOCK,
-     {p: "*fp32" for p in ("w_ptr", "val_ptr", "grad_ptr", "m_ptr", "v_ptr")} | {"idx_ptr": "*i32"}, {}, "fp32"),
+    (masks._keep_kernel, masks.BLOCK, {"out_ptr": "*i8"}, {"seed": "i64", "threshold": "i64"}, {}, "int8 mask"),
+    (sparse_adamw._sparse_adamw_kernel, sparse_adamw.BLOCK, _ADAMW | {"w_ptr": "*fp32"}, {}, {"ANCHORED": False},
+     "fp32 weight"),
+    (sparse_adamw._sparse_adamw_kernel, sparse_adamw.BLOCK, _ADAMW | {"w_ptr": "*bf16"}, {}, {"ANCHORED": True},
+     "bf16 weight"),
     (sparse_ops._gather_add_kernel, sparse_ops.BLOCK,
-     {"grad_ptr": "*fp32", "idx_ptr": "*i32", "out_ptr": "*fp32"}, {}, "fp32 gradient"),
+     {"grad_ptr": "*fp32", "idx_ptr": "*i32", "out_ptr": "*fp32"}, {}, {}, "fp32 gradient"),
     (sparse_ops._gather_add_kernel, sparse_ops.BLOCK,
-     {"grad_ptr": "*bf16", "idx_ptr": "*i32", "out_ptr": "*fp32"}, {}, "bf16 gradient"),
+     {"grad_ptr": "*bf16", "idx_ptr": "*i32", "out_ptr": "*fp32"}, {}, {}, "bf16 gradient"),
     (sparse_ops._fold_in_kernel, sparse_ops.BLOCK, {"w_ptr": "*fp32", "idx_ptr": "*i32", "val_ptr": "*fp32"}, {},
-     "fp32"),
+     {}, "fp32 weight"),
+    (sparse_ops._fold_in_rounded_kernel, sparse_ops.BLOCK,
+     {"w_ptr": "*bf16", "idx_ptr": "*i32", "anchor_ptr": "*fp32", "val_ptr": "*fp32"}, {"seed": "i64"}, {},
+     "bf16 weight, stochastic rounding"),
 ]
 
 
@@ -64,10 +71,11 @@ def resource_usage(cubin: bytes) -> dict[str, int]:
 
 def main(archs: list[int]) -> None:
     rows = []
-    for kernel, block, pointers, ints, what in LAUNCHES:
-        sig = _signature(kernel, pointers, ints)
+    for kernel, block, pointers, ints, flags, what in LAUNCHES:
+        constexprs = {"BLOCK": block, **flags}
+        sig = _signature(kernel, pointers, ints, constexprs)
         for cc in archs:
-            src = triton.compiler.ASTSource(fn=kernel, signature=sig, constexprs={"BLOCK": block})
+            src = triton.compiler.ASTSource(fn=kernel, signature=sig, constexprs=constexprs)
             compiled = triton.compile(src, target=GPUTarget("cuda", cc, 32))
             rows.append({"kernel": kernel.__name__, "launch": what, "arch": cc, "block": block,
                          "num_warps": compiled.metadata.num_warps, "shared_meta": compiled.metadata.shared,

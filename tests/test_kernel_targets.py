@@ -35,7 +35,9 @@ def compiled() -> list[dict]:
 
 def test_every_kernel_compiles_for_every_architecture(compiled: list[dict]) -> None:
     kernels = {(r["kernel"], r["launch"]) for r in compiled}
-    assert {k for k, _ in kernels} == {"_keep_kernel", "_sparse_adamw_kernel", "_gather_add_kernel", "_fold_in_kernel"}
+    assert {k for k, _ in kernels} == {"_keep_kernel", "_sparse_adamw_kernel", "_gather_add_kernel", "_fold_in_kernel",
+                                       "_fold_in_rounded_kernel"}
+    assert ("_sparse_adamw_kernel", "bf16 weight") in kernels  # method.weight_dtype=bf16 launches its own variant
     assert {(k, launch, r["arch"]) for r in compiled for k, launch in [(r["kernel"], r["launch"])]} == {
         (k, launch, cc) for k, launch in kernels for cc in LIMITS}
     assert all(r["cubin_bytes"] > 0 for r in compiled)

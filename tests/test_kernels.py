@@ -120,3 +120,26 @@ def test_gather_and_fold_in_kernels_equal_references(triton_kernels: torch.devic
     untouched = torch.ones(5000, dtype=torch.bool, device=triton_kernels)
     untouched[idx.long()] = False
     assert torch.equal(w_k[untouched], weight[untouched])
+
+
+def test_bf16_weight_kernels_equal_references(triton_kernels: torch.device) -> None:
+    """method.weight_dtype=bf16: the AdamW step rewrites W = bf16(anchor + s*delta), the fold-in rounds the new
+    anchor stochastically with Philox bits (bit-identical to the reference)."""
+    weight, idx, vals, grad, m, v = _sparse_case(numel=5000, device=triton_kernels)
+    weight = weight.to(torch.bfloat16)
+    anchor = weight[idx.long()].float()
+    kw = dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.05, step=3, scale=10.0, anchor=anchor)
+    ours = [t.clone() for t in (weight, vals, m, v)]
+    ref = [t.clone() for t in (weight, vals, m, v)]
+    sparse_adamw_(ours[0], idx, ours[1], grad, ours[2], ours[3], **kw)
+    sparse_adamw.sparse_adamw_reference(ref[0], idx, ref[1], grad, ref[2], ref[3], **kw)
+    for a, b in zip(ours[1:], ref[1:], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-8)
+    assert torch.equal(ours[0][idx.long()], (anchor + 10.0 * ours[1]).to(torch.bfloat16))  # from its own delta
+    untouched = torch.ones(5000, dtype=torch.bool, device=triton_kernels)
+    untouched[idx.long()] = False
+    assert torch.equal(ours[0][untouched], weight[untouched])
+    w_k, w_r = weight.clone(), weight.clone()
+    sparse_ops.fold_in_rounded_(w_k, idx, anchor, vals, 0.7, 2**40 + 3)
+    sparse_ops.fold_in_rounded_reference(w_r, idx, anchor, vals, 0.7, 2**40 + 3)
+    assert torch.equal(w_k, w_r) and torch.equal(w_k[untouched], weight[untouched])

@@ -23,6 +23,7 @@ def _cfg(model: str, method: str, batch: int, *extra: str):  # noqa: ANN202
     ("timm:test_vit", "full", ()),
     ("timm:test_vit", "lora", ("train.grad_checkpointing=true",)),
     ("timm:test_efficientnet", "gmixout", ("data.image_size=96", "train.micro_batch_size=8", "method.mask=filter")),
+    ("timm:test_vit", "gmixout", ("train.precision=bf16", "method.weight_dtype=bf16")),  # CPU autocast measured
 ])  # more methods and models: benchmarks/predict_memory.py validate
 def test_the_predicted_peak_is_within_15_percent_of_the_measured_one(model: str, method: str, extra: tuple) -> None:
     cfg = _cfg(model, method, 16, *extra)
@@ -38,6 +39,20 @@ def test_gmixout_holds_a_tenth_of_full_fine_tunings_optimizer_state() -> None:
     full = predict(_cfg("timm:test_vit", "full", 4), 10, 1 << 40)["breakdown"]["optimizer_state"]
     sparse = predict(_cfg("timm:test_vit", "gmixout", 4), 10, 1 << 40)["breakdown"]["optimizer_state"]
     assert 0 < sparse < 0.3 * full
+
+
+def test_bf16_target_weights_halve_the_targets_bytes() -> None:
+    from gmixout_cli.models import resolve_targets
+    from gmixout_cli.profiling.predict import _meta_model
+
+    cfg32 = _cfg("timm:test_vit", "gmixout", 4, "train.precision=bf16")
+    cfg16 = _cfg("timm:test_vit", "gmixout", 4, "train.precision=bf16", "method.weight_dtype=bf16")
+    built = _meta_model(cfg32, 10)
+    params = dict(built.model.named_parameters())
+    target_bytes = sum(params[n].numel() * 4 for n in resolve_targets(built, cfg32.model.targets))
+    fp32, bf16 = predict(cfg32, 10, 1 << 40), predict(cfg16, 10, 1 << 40)
+    assert fp32["breakdown"]["weights"] - bf16["breakdown"]["weights"] == target_bytes // 2
+    assert bf16["bf16_activation_ratio"] < fp32["bf16_activation_ratio"]  # no bf16 copies of the targets
 
 
 def test_bf16_autocast_saves_smaller_activations_by_cuda_rules() -> None:

@@ -24,11 +24,13 @@ ARGS = ["--model", "timm:test_efficientnet", "model.weights=random", "data.image
         "train.deterministic=true", "train.warmup_steps=2", "method.p=0.8", "method.k=3"]
 
 
-@pytest.mark.parametrize("method", ["gmixout", "full"])
+@pytest.mark.parametrize("method", ["gmixout", "full", "gmixout_bf16"])
 def test_sigkill_then_resume_is_bit_identical(tmp_path: Path, method: str) -> None:
     data = write_domains(tmp_path / "data") / "src"
-    own = ARGS if method == "gmixout" else [a for a in ARGS if not a.startswith("method.")]  # full reads no p, k
-    args = ["--data", str(data), *own, f"method.name={method}"]
+    own = ARGS if method.startswith("gmixout") else [a for a in ARGS if not a.startswith("method.")]  # full: no p, k
+    if method == "gmixout_bf16":  # bf16 target weights: the fp32 anchor values travel in the checkpoint
+        own = [*own, "method.weight_dtype=bf16", "train.precision=bf16"]
+    args = ["--data", str(data), *own, f"method.name={method.removesuffix('_bf16')}"]
     full = subprocess.run(_cmd(*args, "--out", str(tmp_path / "whole")), env=_env(), capture_output=True, text=True,
                           timeout=300)
     assert full.returncode == 0, full.stderr

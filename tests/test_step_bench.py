@@ -20,13 +20,13 @@ def test_every_method_steps_and_gets_its_ratios(tmp_path: Path) -> None:
 
     out = tmp_path / "steps.json"
     argv = ["--archs", "ViT-S-32", "--batches", "2", "--steps", "2", "--warmup", "1", "--checkpointing", "on",
-            "--methods", "full,lora_r8,mixout,gmixout", "--k", "2", "--image-size", "64", "--device", "cpu",
-            "--out", str(out)]
+            "--methods", "full,lora_r8,mixout,gmixout,gmixout_bf16w", "--k", "2", "--image-size", "64",
+            "--device", "cpu", "--out", str(out)]
     assert step_bench.main(argv) == 0
     result = json.loads(out.read_text())
     assert result["benchmark"] == "step_bench" and result["git_commit"]
     records = {r["method"]: r for r in result["records"]}
-    assert set(records) == {"full", "lora_r8", "mixout", "gmixout"}
+    assert set(records) == {"full", "lora_r8", "mixout", "gmixout", "gmixout_bf16w"}
     for name, rec in records.items():
         assert "error" not in rec and not rec.get("oom"), (name, rec.get("traceback"))
         assert rec["step_s_median"] > 0 and rec["images_per_s"] > 0 and rec["peak_memory_bytes"] > 0

@@ -3,7 +3,9 @@
 For the kept entries idx of a target W = A + s*(M * delta):
     delta' = delta*(1 - lr*wd) - lr/bc1 * m / (sqrt(v)/sqrt(bc2) + eps)      (torch.optim.AdamW's update)
     W[idx] += s * (delta' - delta)
-so no dense anchor, gradient or moment is ever stored for the target.
+so no dense anchor, gradient or moment is ever stored for the target. With bf16 weights (method.weight_dtype)
+an increment that small would round away, so the kept entries' fp32 anchor values are passed and the weight is
+rewritten from them instead: W[idx] = bf16(anchor + s*delta') (round to nearest, as autocast casts fp32 weights).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ BLOCK = 1024
 def sparse_adamw_reference(
     weight: torch.Tensor, idx: torch.Tensor, vals: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor,
     exp_avg_sq: torch.Tensor, *, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
-    step: int, scale: float,
+    step: int, scale: float, anchor: torch.Tensor | None = None,
 ) -> None:
     """In place on `weight` (flat, dense), `vals`, `exp_avg`, `exp_avg_sq` (all of length nnz but weight)."""
     bc1 = 1.0 - beta1**step
@@ -29,16 +31,21 @@ def sparse_adamw_reference(
     exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
     denom = exp_avg_sq.sqrt().div_(bc2_sqrt).add_(eps)
     vals.addcdiv_(exp_avg, denom, value=-lr / bc1)
-    weight.index_add_(0, idx, (vals - old).mul_(scale))
+    if anchor is None:
+        weight.index_add_(0, idx, (vals - old).mul_(scale))
+    else:
+        weight.index_put_((idx,), (anchor + scale * vals).to(weight.dtype))
 
 
 try:
     import triton
     import triton.language as tl
 
+    from gmixout_cli.kernels.sparse_ops import round_nearest_bf16
+
     @triton.jit
-    def _sparse_adamw_kernel(w_ptr, idx_ptr, val_ptr, grad_ptr, m_ptr, v_ptr, nnz, lr, beta1, beta2, eps, decay,
-                             step_size, bc2_sqrt, scale, BLOCK: tl.constexpr):
+    def _sparse_adamw_kernel(w_ptr, idx_ptr, val_ptr, grad_ptr, m_ptr, v_ptr, anchor_ptr, nnz, lr, beta1, beta2,
+                             eps, decay, step_size, bc2_sqrt, scale, BLOCK: tl.constexpr, ANCHORED: tl.constexpr):
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < nnz
         g = tl.load(grad_ptr + offs, mask=mask, other=0.0)
@@ -49,8 +56,12 @@ try:
         m = m * beta1 + g * (1.0 - beta1)
         v = v * beta2 + g * g * (1.0 - beta2)
         new = d * decay - step_size * m / (tl.sqrt(v) / bc2_sqrt + eps)
-        w = tl.load(w_ptr + i, mask=mask, other=0.0)
-        tl.store(w_ptr + i, w + (new - d) * scale, mask=mask)
+        if ANCHORED:  # bf16 weight: rewritten from its fp32 anchor value, rounded to nearest
+            a = tl.load(anchor_ptr + offs, mask=mask, other=0.0)
+            tl.store(w_ptr + i, round_nearest_bf16(a + new * scale), mask=mask)
+        else:
+            w = tl.load(w_ptr + i, mask=mask, other=0.0)
+            tl.store(w_ptr + i, w + (new - d) * scale, mask=mask)
         tl.store(val_ptr + offs, new, mask=mask)
         tl.store(m_ptr + offs, m, mask=mask)
         tl.store(v_ptr + offs, v, mask=mask)
@@ -62,17 +73,20 @@ except ImportError:
 def sparse_adamw_(
     weight: torch.Tensor, idx: torch.Tensor, vals: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor,
     exp_avg_sq: torch.Tensor, *, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
-    step: int, scale: float,
+    step: int, scale: float, anchor: torch.Tensor | None = None,
 ) -> None:
-    """The fused step (Triton on CUDA, the reference elsewhere); `weight` is the flat dense target."""
+    """The fused step (Triton on CUDA, the reference elsewhere); `weight` is the flat dense target, `anchor` the
+    kept entries' fp32 anchor values when the weight is stored in bf16."""
     if not use_triton(vals):
         sparse_adamw_reference(weight, idx, vals, grad, exp_avg, exp_avg_sq, lr=lr, beta1=beta1, beta2=beta2,
-                               eps=eps, weight_decay=weight_decay, step=step, scale=scale)
+                               eps=eps, weight_decay=weight_decay, step=step, scale=scale, anchor=anchor)
         return
     nnz = vals.numel()
     if nnz == 0:
         return
     bc1 = 1.0 - beta1**step
     bc2_sqrt = (1.0 - beta2**step) ** 0.5
-    _sparse_adamw_kernel[grid(nnz, BLOCK)](weight, idx, vals, grad, exp_avg, exp_avg_sq, nnz, lr, beta1, beta2,
-                                           eps, 1.0 - lr * weight_decay, lr / bc1, bc2_sqrt, scale, BLOCK=BLOCK)
+    _sparse_adamw_kernel[grid(nnz, BLOCK)](weight, idx, vals, grad, exp_avg, exp_avg_sq,
+                                           vals if anchor is None else anchor, nnz, lr, beta1, beta2, eps,
+                                           1.0 - lr * weight_decay, lr / bc1, bc2_sqrt, scale, BLOCK=BLOCK,
+                                           ANCHORED=anchor is not None)

@@ -7,6 +7,11 @@ dense weight gradient at a time; a post-accumulate hook gathers it at the indice
 it at once, also under gradient accumulation. The fused sparse AdamW kernel updates delta and writes
 the change into W; at an episode end the fold-in kernel moves W to the new anchor
 A + (1-lam)*s'*M*delta, and a fresh mask is drawn on the device.
+
+With `method.weight_dtype=bf16` the dense targets are stored in bf16 (half the weight memory, and no bf16
+copies made by autocast). Updates that small would round away, so the kept entries' anchor values are kept
+in fp32 (4 bytes per kept entry): each step writes W = bf16(A + s*delta) at the kept entries, which is what
+autocast's cast of an fp32 weight computes, and the fold-in rounds the new anchor stochastically.
 """
 
 from __future__ import annotations
@@ -19,12 +24,21 @@ import torch
 from torch import nn
 
 from gmixout_cli.config.schema import Config, MethodConfig
-from gmixout_cli.kernels import fold_in_, gather_add_, mask_seed, sample_filter_indices, sample_indices
+from gmixout_cli.errors import UserError
+from gmixout_cli.kernels import (
+    fold_in_,
+    fold_in_rounded_,
+    gather_add_,
+    mask_seed,
+    sample_filter_indices,
+    sample_indices,
+)
 from gmixout_cli.methods.base import Method, adamw, check_range, head_param_names, is_bias_or_norm
 from gmixout_cli.methods.registry import register_method
 from gmixout_cli.methods.sparse_optim import SparseAdamW
 
 DEFAULT_EPISODES = 30
+ROUNDING_SALT = 0x2545F4914F6CDD1D  # < 2^63: a fold-in's rounding bits never reuse a mask's random numbers
 
 
 @dataclass
@@ -50,6 +64,9 @@ class GMixoutConfig(MethodConfig):
     (rows along dim 0: conv filters, linear output units) kept with probability 1-p."""
     train_bias_norm: bool = False
     """Also train biases and normalisation parameters densely (frozen by default)."""
+    weight_dtype: Literal["fp32", "bf16"] = "fp32"
+    """Storage of the dense target weights (anchor and frozen entries); `bf16` halves their memory and needs
+    train.precision=bf16 (the kept entries' anchor and delta stay fp32; the fold-in rounds stochastically)."""
 
     def problems(self) -> list[str]:
         out: list[str] = []
@@ -94,6 +111,10 @@ class GMixout(Method):
         self.cfg = m = cfg.method
         lr, head_lr, weight_decay = self.lr, self.head_lr, self.weight_decay
         self.k = episode_length(m, total_steps)
+        self.bf16 = m.weight_dtype == "bf16"
+        if self.bf16 and cfg.train.precision != "bf16":
+            raise UserError("method.weight_dtype=bf16 stores the target weights in bf16, which only a bf16 forward "
+                            "pass can use: add train.precision=bf16, or set method.weight_dtype=fp32")
         self.s = 1.0 / (1.0 - m.p)
         self.episode = 0
         self.steps_in_episode = 0
@@ -105,6 +126,8 @@ class GMixout(Method):
             if name in head:
                 dense_head.append(param)
             elif name in target_set:
+                if self.bf16:
+                    param.data = param.data.to(torch.bfloat16)
                 target_params.append((name, param))
             elif m.train_bias_norm and is_bias_or_norm(name, param):
                 dense_bias_norm.append(param)
@@ -120,7 +143,8 @@ class GMixout(Method):
         for index, (name, param) in enumerate(target_params):
             idx = self._sample(param, index)
             vals = torch.zeros(idx.numel(), dtype=torch.float32, device=param.device)
-            groups.append({"params": [vals], "indices": idx, "weight": param.data, "scale": self.s, "name": name})
+            groups.append({"params": [vals], "indices": idx, "weight": param.data, "scale": self.s, "name": name,
+                           "anchor": self._anchor(param, idx)})
         self.sparse = SparseAdamW(groups, lr=lr, weight_decay=weight_decay) if groups else None
         self.targets = [_Target(name, i, param, group) for i, ((name, param), group)
                         in enumerate(zip(target_params, self.sparse.param_groups if self.sparse else [], strict=True))]
@@ -145,6 +169,11 @@ class GMixout(Method):
         assert self.sparse is not None
         return self.sparse
 
+    def _anchor(self, weight: torch.Tensor, idx: torch.Tensor) -> torch.Tensor | None:
+        """bf16 weights: the fp32 anchor values at the kept entries (exact: W equals the anchor at an episode's
+        start); fp32 weights need none."""
+        return weight.detach().view(-1)[idx].float() if self.bf16 else None
+
     def _sample(self, weight: torch.Tensor, index: int) -> torch.Tensor:
         seed = mask_seed(self.seed, self.episode, index)
         if self.cfg.mask == "filter":
@@ -162,7 +191,9 @@ class GMixout(Method):
             self._fold_in()
             self.episode += 1
             for t in self.targets:
-                self._sparse.replace_values(t.group, self._sample(t.weight, t.index), self.cfg.reset_moments)
+                idx = self._sample(t.weight, t.index)
+                self._sparse.replace_values(t.group, idx, self.cfg.reset_moments)
+                t.group["anchor"] = self._anchor(t.weight, idx)
 
     @torch.no_grad()
     def finish(self) -> None:
@@ -184,38 +215,49 @@ class GMixout(Method):
 
     def state_bytes(self) -> dict[str, int]:
         nnz = sum(t.group["indices"].numel() for t in self.targets)
-        return {"sparse_values": 4 * nnz, "sparse_indices": 4 * nnz}
+        out = {"sparse_values": 4 * nnz, "sparse_indices": 4 * nnz}
+        return out | ({"sparse_anchor": 4 * nnz} if self.bf16 else {})
 
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         tensors = {}
         for t in self.targets:
             tensors[f"{t.name}.indices"] = t.group["indices"]
             tensors[f"{t.name}.values"] = t.group["params"][0]
+            if self.bf16:
+                tensors[f"{t.name}.anchor"] = t.group["anchor"]
         return tensors, {"episode": self.episode, "steps_in_episode": self.steps_in_episode}
 
     def load_state_dict(self, tensors: dict[str, torch.Tensor], values: dict[str, Any]) -> None:
         self.episode, self.steps_in_episode = int(values["episode"]), int(values["steps_in_episode"])
         for t in self.targets:
             indices, vals = tensors[f"{t.name}.indices"], tensors[f"{t.name}.values"]
-            _check_sparse_state(t.name, indices, vals, t.weight)
+            anchor = tensors[f"{t.name}.anchor"] if self.bf16 else None
+            _check_sparse_state(t.name, indices, vals, t.weight, anchor)
             self._sparse.state.pop(t.group["params"][0], None)
             t.group["indices"] = indices.to(t.weight.device)
             t.group["params"] = [vals.to(t.weight.device)]
+            t.group["anchor"] = None if anchor is None else anchor.to(t.weight.device)
 
     # -- episodes ---------------------------------------------------------------------------
     def _fold_in(self) -> None:
         """A_new = A + (1-lam)*s'*M*delta; with W = A + s*M*delta that is W += ((1-lam)*s' - s)*M*delta."""
-        coef = (1.0 - self.cfg.lam) * (self.s if self.cfg.fold_scale else 1.0) - self.s
+        step = (1.0 - self.cfg.lam) * (self.s if self.cfg.fold_scale else 1.0)
         for t in self.targets:
             (vals,) = t.group["params"]
-            fold_in_(t.weight.data.view(-1), t.group["indices"], vals, coef)
+            if self.bf16:  # from the fp32 anchor, rounded stochastically (its own seed stream, apart from masks')
+                fold_in_rounded_(t.weight.data.view(-1), t.group["indices"], t.group["anchor"], vals, step,
+                                 mask_seed(self.seed, self.episode, t.index) ^ ROUNDING_SALT)
+            else:
+                fold_in_(t.weight.data.view(-1), t.group["indices"], vals, step - self.s)
         self.steps_in_episode = 0
 
 
-def _check_sparse_state(name: str, indices: torch.Tensor, vals: torch.Tensor, weight: torch.Tensor) -> None:
+def _check_sparse_state(name: str, indices: torch.Tensor, vals: torch.Tensor, weight: torch.Tensor,
+                        anchor: torch.Tensor | None) -> None:
     """A checkpoint's episode state must fit its target: the kernels index the weight with it unchecked."""
     ok = (indices.dtype == torch.int32 and indices.ndim == 1 and vals.shape == indices.shape
-          and vals.dtype == weight.dtype)
+          and vals.dtype == torch.float32
+          and (anchor is None or (anchor.shape == indices.shape and anchor.dtype == torch.float32)))
     if ok and indices.numel():
         ok = (int(indices[0]) >= 0 and int(indices[-1]) < weight.numel()
               and bool((indices[1:] > indices[:-1]).all()))

@@ -11,7 +11,8 @@ from gmixout_cli.kernels import sparse_adamw_
 
 class SparseAdamW(torch.optim.Optimizer):
     """Each group holds one target: `params` = [delta values], plus `weight` (the dense target) and
-    `indices` (sorted int32 flat indices) and `scale` (s). The weight is rewritten in place."""
+    `indices` (sorted int32 flat indices) and `scale` (s), and for a bf16 weight `anchor` (the kept entries'
+    fp32 anchor values). The weight is rewritten in place."""
 
     def __init__(self, groups: list[dict[str, Any]], lr: float, weight_decay: float,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
@@ -32,7 +33,8 @@ class SparseAdamW(torch.optim.Optimizer):
             beta1, beta2 = group["betas"]
             sparse_adamw_(group["weight"].view(-1), group["indices"], vals, vals.grad, state["exp_avg"],
                           state["exp_avg_sq"], lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
-                          weight_decay=group["weight_decay"], step=int(state["step"]), scale=group["scale"])
+                          weight_decay=group["weight_decay"], step=int(state["step"]), scale=group["scale"],
+                          anchor=group.get("anchor"))
 
     def replace_values(self, group: dict[str, Any], indices: torch.Tensor, reset_moments: bool) -> torch.Tensor:
         """Start a new episode for one group: fresh zero values at `indices`; moments reset, or carried over

@@ -6,7 +6,9 @@ checkpointing) runs twice on the meta device, where tensors have shapes and no d
 gradients, optimizer state, activations or transients. The second step's peak is the prediction (the
 first one creates the optimizer state). Under bf16 autocast the activations are scaled by the ratio of
 the model's saved-activation bytes with and without autocast, measured by a forward pass on fake CUDA
-tensors (autocast's own casting rules, which the meta device does not apply). Not counted: the CUDA
+tensors (autocast's own casting rules, which the meta device does not apply). GMixout's bf16 target weights
+(method.weight_dtype=bf16) are bf16 on the meta device too, so their bytes, their gradients and the fp32 anchor
+values are counted as they are; their absent autocast copies show in the ratio. Not counted: the CUDA
 context and library workspaces (`CONTEXT_BYTES`, added to the verdict) and allocator fragmentation.
 """
 
@@ -23,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from gmixout_cli.config import Config
-from gmixout_cli.models import BuiltModel, build_model
+from gmixout_cli.models import BuiltModel, build_model, resolve_targets
 from gmixout_cli.training.loop import input_size, make_trainer
 
 CONTEXT_BYTES = 600 * 2**20
@@ -157,11 +159,15 @@ def activation_ratio(cfg: Config, classes: int) -> float:
     with FakeTensorMode(allow_non_fake_inputs=True), _fused_attention():
         model = built.model.to_empty(device="cuda")
         model.train()
-        params = {p.untyped_storage()._cdata for p in model.parameters()}
         for bf16 in (False, True):
+            if bf16 and getattr(cfg.method, "weight_dtype", "fp32") == "bf16":  # stored bf16: nothing to cast
+                params_by_name = dict(model.named_parameters())
+                for name in resolve_targets(built, cfg.model.targets):
+                    params_by_name[name].data = params_by_name[name].data.to(torch.bfloat16)
+            params = {p.untyped_storage()._cdata for p in model.parameters()}
             seen: dict[int, int] = {}
 
-            def pack(t: torch.Tensor, seen: dict[int, int] = seen) -> torch.Tensor:
+            def pack(t: torch.Tensor, seen: dict[int, int] = seen, params: set[int] = params) -> torch.Tensor:
                 storage = t.untyped_storage()
                 if storage._cdata not in params:  # weights are counted as weights; their casts are activations
                     seen[storage._cdata] = storage.nbytes()
