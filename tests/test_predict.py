@@ -72,3 +72,16 @@ def test_profile_predict_prints_a_breakdown_per_method_and_a_verdict(cli) -> Non
     code, out, err = cli("profile", "--predict", "--model", "timm:test_vit", "train.batch_size=4", "--budget", "24")
     assert code == 0, err
     assert "predicted CUDA peak" in out and "fits" in out and "lora r=8" in out
+
+
+def test_profile_predict_keeps_the_method_fields_off_the_comparison_rows(cli) -> None:  # noqa: ANN001
+    code, out, err = cli("profile", "--predict", "--json", "--model", "timm:test_vit", "train.batch_size=4",
+                         "train.precision=bf16", "method.weight_dtype=bf16", "method.p=0.95")
+    assert code == 0, err
+    rows = json.loads(out)["predictions"]
+    assert set(rows) == {"gmixout (bf16 weights)", "full", "lora r=8"}
+    ours = rows["gmixout (bf16 weights)"]
+    assert ours["breakdown"]["weights"] < rows["full"]["breakdown"]["weights"]
+    summary = ours["method_summary"]  # method.p=0.95 reached the GMixout row: about 5% of each target trains
+    head = 1000 * (64 + 1)  # test_vit's 64 features into the predictor's 1000 classes, dense
+    assert 0.03 < (summary["trainable_entries_per_episode"] - head) / summary["target_entries"] < 0.07

@@ -89,19 +89,25 @@ def profile(
 
 def _predict(cfg, recipe: str | None, overrides: list[str], shortcuts: dict, budget: float,  # noqa: ANN001 - a Config
              as_json: bool) -> None:
+    import dataclasses
     import warnings
 
     from gmixout_cli.config import load_config
+    from gmixout_cli.config.schema import MethodConfig
     from gmixout_cli.data import load_domain
     from gmixout_cli.profiling.predict import predict
 
     classes = len(load_domain(cfg.data).classes) if cfg.data.root else 1000
-    rows = {cfg.method.name: cfg}
+    bf16_weights = getattr(cfg.method, "weight_dtype", "fp32") == "bf16"
+    rows = {cfg.method.name + (" (bf16 weights)" if bf16_weights else ""): cfg}
+    shared = {f"method.{f.name}" for f in dataclasses.fields(MethodConfig)}
+    # the comparison rows keep the budget; the user's own method's fields (method.p, method.weight_dtype) are not theirs
+    budget_only = [o for o in overrides if not o.startswith("method.") or o.partition("=")[0] in shared]
     for name, extra in (("full", ["method.name=full"]), ("lora r=8", ["method.name=lora", "method.r=8"])):
         if name.split()[0] != cfg.method.name:
             with warnings.catch_warnings():  # the recipe's own method fields are left out of the comparison rows
                 warnings.simplefilter("ignore")
-                rows[name] = load_config(recipe, [*overrides, *extra], shortcuts)
+                rows[name] = load_config(recipe, [*budget_only, *extra], shortcuts)
     budget_bytes = int(budget * 1024**3)
     with console.status("predicting (the training step on shape-only tensors)"):
         results = {name: predict(c, classes, budget_bytes) for name, c in rows.items()}
