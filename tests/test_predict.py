@@ -55,6 +55,19 @@ def test_bf16_target_weights_halve_the_targets_bytes() -> None:
     assert bf16["bf16_activation_ratio"] < fp32["bf16_activation_ratio"]  # no bf16 copies of the targets
 
 
+def test_autocast_weight_copies_count_at_the_forward_end_with_checkpointing() -> None:
+    """Autocast caches bf16 copies of trained fp32 weights until the forward pass ends; with checkpointing no
+    saved activation holds them, so they make the forward end the peak. bf16 weights have none."""
+    fp32 = predict(_cfg("timm:vit_tiny_patch16_224", "gmixout", 4, "train.precision=bf16",
+                        "train.grad_checkpointing=true"), 10, 1 << 40)
+    bf16 = predict(_cfg("timm:vit_tiny_patch16_224", "gmixout", 4, "train.precision=bf16",
+                        "train.grad_checkpointing=true", "method.weight_dtype=bf16"), 10, 1 << 40)
+    targets = fp32["method_summary"]["target_entries"]
+    assert 2 * targets <= fp32["autocast_weight_copies_bytes"] <= 2 * targets * 1.1  # the targets, and the head
+    assert fp32["peak_at"] == "forward end" and fp32["breakdown"]["transient"] >= 2 * targets
+    assert bf16["autocast_weight_copies_bytes"] < 0.1 * fp32["autocast_weight_copies_bytes"]
+
+
 def test_bf16_autocast_saves_smaller_activations_by_cuda_rules() -> None:
     ratio = activation_ratio(_cfg("timm:test_vit", "full", 4, "train.precision=bf16"), 10)
     assert 0.4 < ratio < 0.95  # matmul inputs and outputs in bf16, layer norms and the residual stream in fp32

@@ -8,7 +8,10 @@ first one creates the optimizer state). Under bf16 autocast the activations are 
 the model's saved-activation bytes with and without autocast, measured by a forward pass on fake CUDA
 tensors (autocast's own casting rules, which the meta device does not apply). GMixout's bf16 target weights
 (method.weight_dtype=bf16) are bf16 on the meta device too, so their bytes, their gradients and the fp32 anchor
-values are counted as they are; their absent autocast copies show in the ratio. Not counted: the CUDA
+values are counted as they are; their absent autocast copies show in the ratio. Autocast also caches its
+bf16 copies of trained fp32 weights until the forward pass ends; with activation checkpointing nothing else
+holds them, so the forward pass's end (its snapshot plus those copies, counted on the fake tensors) may be
+the peak instead of the step's. Not counted: the CUDA
 context and library workspaces (`CONTEXT_BYTES`, added to the verdict) and allocator fragmentation.
 """
 
@@ -23,6 +26,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from gmixout_cli.config import Config
 from gmixout_cli.models import BuiltModel, build_model, resolve_targets
@@ -116,8 +120,18 @@ def _meta_model(cfg: Config, classes: int) -> BuiltModel:
         return _random_model(cfg, classes)
 
 
-def _step_peak(cfg: Config, classes: int) -> tuple[dict[str, int], dict[str, Any]]:
-    """Bytes by category at the peak of a training step in fp32 on the meta device, and the method's summary."""
+def _by_category(snapshot: dict[Any, int]) -> dict[str, int]:
+    out = {name: 0 for name in CATEGORIES.values()}
+    for kind, value in snapshot.items():
+        label = CATEGORIES.get(str(kind).rsplit(".", 1)[-1])
+        if label:
+            out[label] += int(value)
+    return out
+
+
+def _step_peak(cfg: Config, classes: int) -> tuple[dict[str, int], dict[str, int], dict[str, Any], frozenset[str]]:
+    """Bytes by category at the peak of a training step in fp32 on the meta device and at the end of its (last)
+    forward pass, the method's summary, and the names of the parameters it trains."""
     built = _meta_model(cfg, classes)
     size = input_size(cfg, built)
     meta = torch.device("meta")
@@ -134,18 +148,43 @@ def _step_peak(cfg: Config, classes: int) -> tuple[dict[str, int], dict[str, Any
             warnings.filterwarnings("ignore", message="Expected a tensor or a traceable")
             trainer.train_step(x, y)  # creates the optimizer state
             trainer.train_step(x, y)
-    snapshot = tracker.get_tracker_snapshot("peak").get(meta, {})
-    out = {name: 0 for name in CATEGORIES.values()}
-    for kind, value in snapshot.items():
-        label = CATEGORIES.get(str(kind).rsplit(".", 1)[-1])
-        if label:
-            out[label] += int(value)
-    return out, trainer.method.summary()
+    from torch.distributed._tools.mem_tracker import _ModState
+
+    peak = _by_category(tracker.get_tracker_snapshot("peak").get(meta, {}))
+    forward_ends = tracker.memory_tracking[trainer.model].snapshots.get(_ModState.POST_FW, [])
+    forward_end = _by_category(forward_ends[-1].get(meta, {})) if forward_ends else dict.fromkeys(peak, 0)
+    trainable = frozenset(name for name, p in trainer.model.named_parameters() if p.requires_grad)
+    return peak, forward_end, trainer.method.summary(), trainable
 
 
 def activation_ratio(cfg: Config, classes: int) -> float:
     """Saved-activation bytes of one forward pass under CUDA bf16 autocast over the same in fp32 (fake CUDA
     tensors: autocast's casting rules apply, nothing is allocated)."""
+    return _autocast_forward(cfg, classes)[0]
+
+
+class _ParamCasts(TorchDispatchMode):
+    """Bytes of the bf16 copies autocast makes of trainable fp32 parameters: it caches them until the forward
+    pass leaves autocast, whether or not backward saves them."""
+
+    def __init__(self, params: dict[int, torch.Tensor]) -> None:
+        super().__init__()
+        self.params, self.bytes, self.seen = params, 0, set()  # type: ignore[var-annotated]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204 - torch's protocol
+        out = func(*args, **(kwargs or {}))
+        if func is torch.ops.aten._to_copy.default and args and torch.is_tensor(args[0]):
+            key = args[0].untyped_storage()._cdata
+            param = self.params.get(key)
+            if param is not None and key not in self.seen and out.dtype == torch.bfloat16:
+                self.seen.add(key)
+                self.bytes += out.untyped_storage().nbytes()
+        return out
+
+
+def _autocast_forward(cfg: Config, classes: int, trainable: frozenset[str] = frozenset()) -> tuple[float, int]:
+    """`activation_ratio`, and the bytes of autocast's cached bf16 copies of the fp32 parameters named in
+    `trainable` (those the method trains: autocast caches casts of leaves that require grad)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     built = _meta_model(cfg, classes)
@@ -174,10 +213,13 @@ def activation_ratio(cfg: Config, classes: int) -> float:
                 return t
 
             x = torch.empty(batch, 3, size, size, device="cuda")
-            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), _cuda_autocast(bf16):
+            casts = _ParamCasts({p.untyped_storage()._cdata: p for name, p in model.named_parameters()
+                                 if name in trainable and p.dtype == torch.float32})
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), _cuda_autocast(bf16), casts:
                 F.cross_entropy(model(x), torch.zeros(batch, dtype=torch.long, device="cuda"))
             saved[bf16] = sum(seen.values())
-    return saved[True] / saved[False] if saved[False] else 1.0
+            cast_bytes = casts.bytes
+    return (saved[True] / saved[False] if saved[False] else 1.0), cast_bytes
 
 
 @contextlib.contextmanager
@@ -200,17 +242,25 @@ def _cuda_autocast(enabled: bool) -> Iterator[None]:
 
 def predict(cfg: Config, classes: int, budget_bytes: int) -> dict[str, Any]:
     """The predicted CUDA peak of one training step of `cfg`, by category, and whether it fits `budget_bytes`."""
-    parts, summary = _step_peak(cfg, classes)
-    ratio = 1.0
+    parts, forward_end, summary, trainable = _step_peak(cfg, classes)
+    ratio, cast_bytes, peak_at = 1.0, 0, "step"
     if cfg.train.precision == "bf16":
-        ratio = activation_ratio(cfg, classes)
-        parts["activations"] = int(parts["activations"] * ratio)
-        parts["transient"] = int(parts["transient"] * ratio)
+        ratio, cast_bytes = _autocast_forward(cfg, classes, trainable)
+        for snapshot in (parts, forward_end):
+            snapshot["activations"] = int(snapshot["activations"] * ratio)
+            snapshot["transient"] = int(snapshot["transient"] * ratio)
+        if cfg.train.grad_checkpointing:
+            # autocast keeps its bf16 copies of trained fp32 weights until the forward pass ends; without
+            # checkpointing backward saves them (counted in the activations), with it nothing does
+            forward_end["transient"] += cast_bytes
+            if sum(forward_end.values()) > sum(parts.values()):
+                parts, peak_at = forward_end, "forward end"
     peak = sum(parts.values())
     return {"model": cfg.model.name, "method": cfg.method.name, "batch_size": cfg.train.batch_size,
             "micro_batch_size": cfg.train.micro_batch_size, "precision": cfg.train.precision,
             "grad_checkpointing": cfg.train.grad_checkpointing, "classes": classes, "breakdown": parts,
-            "bf16_activation_ratio": round(ratio, 4), "predicted_peak_bytes": peak,
+            "bf16_activation_ratio": round(ratio, 4), "autocast_weight_copies_bytes": cast_bytes,
+            "peak_at": peak_at, "predicted_peak_bytes": peak,
             "context_bytes": CONTEXT_BYTES, "fits": peak + CONTEXT_BYTES <= budget_bytes,
             "method_summary": summary, "kind": "prediction"}
 
