@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
+from test_gmixout import Tiny, _run  # the same two-layer model and loop as GMixout's own tests
 
-from gmixout_cli.config import build_config, merge_dicts, parse_overrides
+from gmixout_cli.config import build_config
 from gmixout_cli.errors import UserError
 from gmixout_cli.kernels import fold_in_rounded_reference, stochastic_round_bf16_reference
 from gmixout_cli.methods import GMixout, make_method
@@ -16,38 +16,10 @@ from gmixout_cli.methods import GMixout, make_method
 TARGETS = ["fc1.weight", "fc2.weight"]
 
 
-class Tiny(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(32, 64)
-        self.fc2 = nn.Linear(64, 64)
-        self.head = nn.Linear(64, 4)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(F.gelu(self.fc2(F.gelu(self.fc1(x)))))
-
-
 def _train(weight_dtype: str, steps: int = 12, k: int = 3) -> tuple[Tiny, GMixout, list[float]]:
-    torch.manual_seed(0)
-    model = Tiny()
-    raw = merge_dicts({"method": {"name": "gmixout"}, "train": {"lr": 3e-3, "weight_decay": 0.0}},
-                      parse_overrides([f"method.weight_dtype={weight_dtype}", "train.precision=bf16",
-                                       f"method.k={k}", "method.p=0.7"]))
-    method = make_method(build_config(raw), model, TARGETS, "head", steps)
-    x, y = torch.randn(256, 32), torch.randint(0, 4, (256,))
-    losses = []
-    for step in range(1, steps + 1):
-        idx = torch.randint(0, 256, (32,))
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = F.cross_entropy(model(x[idx]), y[idx])
-        loss.backward()
-        losses.append(loss.item())
-        method.after_backward()
-        for opt in method.optimizers():
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        method.after_step(step)
-    method.finish()
+    losses: list[float] = []
+    model, _, method = _run([f"method.weight_dtype={weight_dtype}", "train.precision=bf16", f"method.k={k}",
+                             "method.p=0.7", "train.lr=3e-3"], steps, losses=losses)
     return model, method, losses
 
 

@@ -33,7 +33,10 @@ def mask_of(shape: torch.Size, p: float, seed: int, episode: int, index: int) ->
     return mask.view(shape)
 
 
-def _run(overrides: list[str], steps: int, seed: int = 0) -> tuple[Tiny, dict, GMixout]:
+def _run(overrides: list[str], steps: int, seed: int = 0,
+         losses: list[float] | None = None) -> tuple[Tiny, dict, GMixout]:
+    """Train Tiny's fc1, fc2 with GMixout (bf16 autocast on CPU with train.precision=bf16); `losses` collects
+    each step's loss."""
     torch.manual_seed(seed)
     model = Tiny()
     w0 = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -43,7 +46,11 @@ def _run(overrides: list[str], steps: int, seed: int = 0) -> tuple[Tiny, dict, G
     x, y = torch.randn(256, 32), torch.randint(0, 4, (256,))
     for step in range(1, steps + 1):
         idx = torch.randint(0, 256, (32,))
-        F.cross_entropy(model(x[idx]), y[idx]).backward()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.train.precision == "bf16"):
+            loss = F.cross_entropy(model(x[idx]), y[idx])
+        loss.backward()
+        if losses is not None:
+            losses.append(loss.item())
         method.after_backward()
         for opt in method.optimizers():
             opt.step()
