@@ -83,7 +83,7 @@ def predictions(big: list[tuple[str, int]]) -> dict[str, Any]:
                 rows.append({"model": model, "method": label, "batch": batch, "precision": "bf16",
                              "grad_checkpointing": ckpt, **{k: p[k] for k in (
                                  "breakdown", "predicted_peak_bytes", "context_bytes", "fits",
-                                 "bf16_activation_ratio")}})
+                                 "bf16_activation_ratio", "peak_at", "autocast_weight_copies_bytes")}})
                 print(f"{model} b{batch} ckpt={ckpt} {label}: {p['predicted_peak_bytes'] / 2**30:.2f} GiB "
                       f"(+{p['context_bytes'] / 2**30:.2f} context) {'fits' if p['fits'] else 'does not fit'} 24 GiB",
                       flush=True)
