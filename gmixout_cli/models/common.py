@@ -6,6 +6,7 @@ import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -51,6 +52,23 @@ class BuiltModel:
         finally:
             handle.remove()
         return captured[0]
+
+
+def set_memory_format(built: BuiltModel, memory_format: str) -> None:
+    """Every forward pass of `built.model` sees its image batch channels_last (`auto`: convolutional networks).
+
+    A forward pre-hook on the model, so training, evaluation, the linear probe's features and DDP all get it
+    from one place; the weights stay contiguous, which the sparse engine's flat indices rely on."""
+    if memory_format == "contiguous" or (memory_format == "auto" and built.family != "cnn"):
+        return
+
+    def to_channels_last(_module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+        x = args[0] if args else None
+        if not isinstance(x, Tensor) or x.dim() != 4:
+            return None
+        return (x.contiguous(memory_format=torch.channels_last), *args[1:])
+
+    built.model.register_forward_pre_hook(to_channels_last)
 
 
 def resolve_weights(weights: str) -> str | Path:

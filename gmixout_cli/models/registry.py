@@ -8,7 +8,7 @@ from fnmatch import fnmatchcase
 
 from gmixout_cli.config.schema import ModelConfig
 from gmixout_cli.errors import UserError
-from gmixout_cli.models.common import BuiltModel
+from gmixout_cli.models.common import BuiltModel, set_memory_format
 
 Builder = Callable[[ModelConfig, list[str], int], BuiltModel]
 
@@ -75,7 +75,9 @@ def build_model(cfg: ModelConfig, class_names: list[str], seed: int = 0) -> Buil
             f"model.head_init=zeroshot needs a CLIP model (vit_b16_clip, vit_l14_clip, open_clip:<arch>:<tag>), "
             f"not {cfg.name}; use model.head_init=linear_probe or auto"
         )
-    return builder(cfg, list(class_names), seed)
+    built = builder(cfg, list(class_names), seed)
+    set_memory_format(built, cfg.memory_format)
+    return built
 
 
 def _lookup(name: str) -> tuple[Builder, bool]:
