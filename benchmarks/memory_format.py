@@ -9,8 +9,8 @@ pretrained weights) and its trainer from the model's GMixout recipe with `method
 layout; one fixed batch of real-sized random images; --warmup untimed steps each, then --rounds rounds
 that time --steps steps of each layout in turn (alternating, so drift in the machine's speed hits both),
 median step time per layout; the same for no-grad forward passes (evaluation). Each record carries the
-speed-up contiguous / channels_last and the largest logit difference after the same training steps (float
-rounding, compounded over the steps). JSON to benchmarks/results/memory_format_<device>_<date>.json unless --out is given.
+speed-up contiguous / channels_last and the largest logit difference of the two layouts' first forward pass
+(float rounding only). JSON to benchmarks/results/memory_format_<device>_<date>.json unless --out is given.
 """
 
 from __future__ import annotations
@@ -40,9 +40,21 @@ def build(model: str, method: str, layout: str, size: int, device: torch.device)
     cfg = load_config(f"gmixout_{model}", [f"method.name={method}", f"model.memory_format={layout}",
                                             f"data.image_size={size}", "model.head_init=zero"])
     built = build_model(cfg.model, [f"class{i}" for i in range(7)], seed=0)
-    torch.nn.init.normal_(built.head.weight, std=0.01)  # a zero head sends no gradient into the backbone
+    with torch.no_grad():  # a zero head sends no gradient into the backbone; the same head for both layouts
+        built.head.weight.normal_(0.0, 0.01, generator=torch.Generator().manual_seed(0))
     built.model.to(device)
     return make_trainer(cfg, built, device, total_steps=1_000_000)
+
+
+def first_logits(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Eval-mode logits, leaving every module's training flag as it was (the method set BatchNorm's)."""
+    flags = {m: m.training for m in model.modules()}
+    model.eval()
+    with torch.no_grad():
+        out = model(x).float()
+    for m, flag in flags.items():
+        m.training = flag
+    return out
 
 
 def timed(fn, steps: int, device: torch.device) -> float:
@@ -63,7 +75,10 @@ def measure(model: str, method: str, args: argparse.Namespace, device: torch.dev
     x = torch.randn(args.batch, 3, args.image_size, args.image_size, generator=gen).to(device)
     y = torch.randint(0, 7, (args.batch,), generator=gen).to(device)
     trainers = {lay: build(model, method, lay, args.image_size, device) for lay in LAYOUTS}
-    for t in trainers.values():  # make_trainer left each model in its method's training mode
+    # the layouts' forward passes before training (afterwards they also differ by their dropout draws)
+    logits = {lay: first_logits(t.model, x) for lay, t in trainers.items()}
+    diff = (logits["contiguous"] - logits["channels_last"]).abs().max().item()
+    for t in trainers.values():
         for _ in range(args.warmup):
             t.train_step(x, y)
     step: dict[str, list[float]] = {lay: [] for lay in LAYOUTS}
@@ -74,11 +89,9 @@ def measure(model: str, method: str, args: argparse.Namespace, device: torch.dev
         t.model.eval()
     fwd: dict[str, list[float]] = {lay: [] for lay in LAYOUTS}
     with torch.no_grad():
-        logits = {lay: t.model(x).float() for lay, t in trainers.items()}  # both models trained identically
         for _ in range(args.rounds):
             for lay, t in trainers.items():
                 fwd[lay].append(timed(lambda t=t: t.model(x), args.steps, device))
-    diff = (logits["contiguous"] - logits["channels_last"]).abs().max().item()
     med = {f"{kind}_s": {lay: statistics.median(v[lay]) for lay in LAYOUTS} for kind, v in (("step", step),
                                                                                                ("eval", fwd))}
     return {"model": model, "method": method, "batch": args.batch, "image_size": args.image_size, **med,
