@@ -3,7 +3,8 @@
 # Prepare here (benchmarks/README.md, "On the lent GPU machine"): wheels in .whl*/, PACS in .pacs128/.
 #
 #   bash benchmarks/gpu_job.sh                   # = check: the first call on a lent GPU, under 8 minutes
-#   bash benchmarks/gpu_job.sh engine            # CUDA kernel tests, kernel_bench, epilogue_gather, step_bench ViT-B-16
+#   bash benchmarks/gpu_job.sh engine            # CUDA kernel tests, kernel_bench, epilogue_gather, step_bench ViT-B-16,
+#                                                # memory_format (convnets, channels_last)
 #   bash benchmarks/gpu_job.sh steps-l14         # step_bench ViT-L-14
 #   bash benchmarks/gpu_job.sh pacs BACKBONE SOURCES [SEEDS]   # benchmarks.pacs (gmixout compare), e.g. sketch
 #
@@ -49,6 +50,8 @@ case "${1:-check}" in
     python3 -m benchmarks.kernel_bench 2>&1 | tee "$OUT/kernel_bench.log"
     python3 -m benchmarks.epilogue_gather 2>&1 | tee "$OUT/epilogue_gather.log"
     python3 -m benchmarks.step_bench --archs ViT-B-16 2>&1 | tee "$OUT/step_bench_b16.log"
+    # convnets' channels_last default on CUDA (needs .whl-lite0 and .whl-mnv2)
+    timeout 120 python3 -m benchmarks.memory_format --batch 128 --image-size 224 2>&1 | tee "$OUT/memory_format.log"
     ;;
   steps-l14)
     python3 -m benchmarks.step_bench --archs ViT-L-14 2>&1 | tee "$OUT/step_bench_l14.log"
