@@ -34,6 +34,7 @@ class BuiltModel:
     image_size: int
     normalize_features: bool
     extra_meta: dict[str, str] = field(default_factory=dict)
+    memory_format: str = "contiguous"  # the layout of its image batches, resolved by set_memory_format
 
     def features(self, x: Tensor) -> Tensor:
         """Returns exactly what the head sees for `x`, so `model(x) == head(features(x))`.
@@ -60,7 +61,14 @@ def set_memory_format(built: BuiltModel, memory_format: str) -> None:
     A forward pre-hook on the model, so training, evaluation, the linear probe's features and DDP all get it
     from one place; the weights stay contiguous, which the sparse engine's flat indices rely on."""
     if memory_format == "contiguous" or (memory_format == "auto" and built.family != "cnn"):
+        built.memory_format = "contiguous"
         return
+    built.memory_format = "channels_last"
+    channels_last_inputs(built.model)
+
+
+def channels_last_inputs(model: nn.Module) -> None:
+    """Makes `model` convert a 4-D input batch to channels_last before its forward (values unchanged)."""
 
     def to_channels_last(_module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
         x = args[0] if args else None
@@ -68,7 +76,7 @@ def set_memory_format(built: BuiltModel, memory_format: str) -> None:
             return None
         return (x.contiguous(memory_format=torch.channels_last), *args[1:])
 
-    built.model.register_forward_pre_hook(to_channels_last)
+    model.register_forward_pre_hook(to_channels_last)
 
 
 def resolve_weights(weights: str) -> str | Path:

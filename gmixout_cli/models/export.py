@@ -9,7 +9,7 @@ from typing import cast
 from torch import Tensor, nn
 
 from gmixout_cli.errors import UserError
-from gmixout_cli.models.common import BuiltModel, short
+from gmixout_cli.models.common import BuiltModel, channels_last_inputs, short
 from gmixout_cli.utils.io import save_safetensors
 
 FORMAT = "gmixout/1"
@@ -83,6 +83,7 @@ def save_classifier(
         "std": json.dumps([float(v) for v in built.std]),
         "normalize_features": "true" if built.normalize_features else "false",
         "head_prefix": built.head_prefix,
+        "memory_format": built.memory_format,  # the batch layout it trained with; evaluation reuses it
         "rebuild": REBUILD[built.library],
     }
     clash = sorted(set(meta) & set(core))
@@ -128,6 +129,8 @@ def read_metadata(path: Path) -> dict[str, str]:
                 json.loads(meta[key])
             except (ValueError, RecursionError):
                 raise UserError(f"{path} has damaged metadata '{key}': re-export the model") from None
+    if meta.get("memory_format", "contiguous") not in ("contiguous", "channels_last"):
+        raise UserError(f"{path} has damaged metadata 'memory_format': re-export the model")
     try:
         int(meta["num_classes"]), int(meta["image_size"])
     except ValueError:
@@ -137,6 +140,9 @@ def read_metadata(path: Path) -> dict[str, str]:
 
 def load_classifier(path: Path) -> tuple[nn.Module, dict[str, str]]:
     """Rebuilds the classifier in a gmixout model file with plain library code, weights loaded strictly.
+
+    Image batches take the layout the model trained with (metadata `memory_format`): the same values,
+    channels_last being only faster for convnets.
 
     Returns:
         The model in eval mode, and the file's metadata.
@@ -167,6 +173,8 @@ def load_classifier(path: Path) -> tuple[nn.Module, dict[str, str]]:
             f"{len(unexpected)} unexpected and {len(wrong)} reshaped weight keys (e.g. {example}); re-export the model"
         )
     model.load_state_dict(state, strict=True)
+    if meta.get("memory_format") == "channels_last":  # files from before the field ran contiguous
+        channels_last_inputs(model)
     return model.eval(), meta
 
 
