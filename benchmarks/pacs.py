@@ -3,6 +3,7 @@
     python -m benchmarks.pacs_pack --size 112 --out .pacs112  # once: PACS resized (227 px JPEG decoding is slow)
     python -m benchmarks.pacs --data .pacs112 --sources sketch --dry-run
     nohup python -m benchmarks.pacs --data .pacs112 --sources art_painting,cartoon,photo,sketch &
+    python -m benchmarks.pacs --data .pacs112 --sources ... --publish  # meanwhile: the runs so far, to commit
     python -m benchmarks.pacs --report                        # the pooled table from the committed sources
 
 Each source is one `gmixout compare` command (printed, then run in this process): the rows below, one
@@ -31,6 +32,13 @@ SOURCES = ("art_painting", "cartoon", "photo", "sketch")
 METHODS = "full,lp,lpft,lora,mixout,randmask,gmixout"
 VARIANTS = ("full_update_bn:method.name=full method.norm_stats=update",  # BatchNorm statistics from the batches
             "gmixout_filter:method.name=gmixout method.mask=filter")  # whole output filters (HR-Mixout style)
+# Three-point grids centred on what sketch's seed-0 grids chose at this budget, starting from the recipe-centred
+# grids (2026-12-03, commit 82c60a9): full, LP-FT, Mixout, RandMask, GMixout 3e-4; full with batch statistics
+# 1e-3; LoRA 3e-3; the probe's head lr 1e-2; filter masks 1e-4. That saves the runs each grid spent growing.
+# The protocol is unchanged: an edge choice still grows the grid, and the table shows grid and choice.
+GRIDS = ("full=1e-4,3e-4,1e-3", "lp=3e-3,1e-2,3e-2", "lpft=1e-4,3e-4,1e-3", "lora=1e-3,3e-3,1e-2",
+         "mixout=1e-4,3e-4,1e-3", "randmask=1e-4,3e-4,1e-3", "gmixout=1e-4,3e-4,1e-3",
+         "full_update_bn=3e-4,1e-3,3e-3", "gmixout_filter=3e-5,1e-4,3e-4")
 
 
 def command(args: argparse.Namespace, source: str) -> list[str]:
@@ -42,22 +50,33 @@ def command(args: argparse.Namespace, source: str) -> list[str]:
            f"data.num_workers={args.workers}"]
     for v in args.variants:
         cmd += ["--variant", v]
+    rows = {*args.methods.split(","), *(v.partition(":")[0].strip() for v in args.variants)}
+    for g in args.grids:
+        if g.partition("=")[0] in rows:
+            cmd += ["--grid", g]
     return cmd + lever_families(args.methods, args.variants) + (["--dry-run"] if args.dry_run else [])
 
 
+def publish(args: argparse.Namespace, source: str) -> None:
+    """The source's report so far (its JSON says which runs finished) and its runs' small files."""
+    folder, stem = args.work / f"{args.backbone}-{source}", args.out / f"pacs_{args.backbone}_{source}"
+    if args.dry_run or not (folder / "compare.json").is_file():
+        return
+    argv = [a for a in args.argv if a != "--publish"]
+    publish_compare(folder, stem, {"benchmark": "pacs", "source": source, "backbone": args.backbone,
+                                   "git_commit": args.commit,
+                                   "command": " ".join(["python", "-m", "benchmarks.pacs", *argv])},
+                    command(args, source))
+    print(f"pacs: wrote {stem}.json, .md, .png, _runs.tgz", flush=True)
+
+
 def run_source(args: argparse.Namespace, source: str) -> None:
-    cmd = command(args, source)
     folder, stem = args.work / f"{args.backbone}-{source}", args.out / f"pacs_{args.backbone}_{source}"
     restore_runs(folder, stem)  # runs committed by an earlier session on another machine count as done
     try:
-        run_gmixout(cmd)
-    finally:  # a stopped comparison publishes what it has (its JSON says which runs), so the next session continues
-        if not args.dry_run and (folder / "compare.json").is_file():
-            publish_compare(folder, stem, {"benchmark": "pacs", "source": source, "backbone": args.backbone,
-                                           "git_commit": args.commit,
-                                           "command": " ".join(["python", "-m", "benchmarks.pacs", *sys.argv[1:]])},
-                            cmd)
-            print(f"pacs: wrote {stem}.json, .md, .png, _runs.tgz", flush=True)
+        run_gmixout(command(args, source))
+    finally:  # a stopped comparison publishes what it has, so the next session continues
+        publish(args, source)
 
 
 def pooled(reports: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -93,7 +112,7 @@ def write_pooled(args: argparse.Namespace) -> None:
     write_json(stem.with_suffix(".json"), {"benchmark": "pacs_pooled", "backbone": args.backbone,
                                            "sources": sorted(reports), "git_commit": git_head(),
                                            "source_commits": {s: r.get("git_commit") for s, r in reports.items()},
-                                           "command": " ".join(["python", "-m", "benchmarks.pacs", *sys.argv[1:]]),
+                                           "command": " ".join(["python", "-m", "benchmarks.pacs", *args.argv]),
                                            "rows": table})
     lines = [f"### PACS, {args.backbone}: mean over {len(reports)} sources ({', '.join(sorted(reports))})", "",
              "| method | held-out ID | OOD mean (source -> target pairs) | seeds |", "|---|---|---|---|"]
@@ -111,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sources", default=",".join(SOURCES))
     ap.add_argument("--methods", default=METHODS)
     ap.add_argument("--variants", action="append", default=None, help=f"extra rows (default: {VARIANTS})")
+    ap.add_argument("--grids", action="append", default=None, help=f"'ROW=V1,V2,V3' (default: {GRIDS})")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--steps", type=int, default=600, help="optimizer steps per run (GMixout: 30 episodes)")
     ap.add_argument("--image-size", type=int, default=96)
@@ -120,9 +140,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     ap.add_argument("--dry-run", action="store_true", help="print each source's plan and estimated time")
     ap.add_argument("--report", action="store_true", help="only the pooled report from the per-source JSONs")
+    ap.add_argument("--publish", action="store_true",
+                    help="only publish each source's runs so far (same arguments as the running benchmark, whose "
+                         "commit it records): a long benchmark's progress can be committed while it runs")
     args = ap.parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else argv
     args.variants = list(VARIANTS) if args.variants is None else args.variants
+    args.grids = list(GRIDS) if args.grids is None else args.grids
     args.commit = git_head()  # at the start: the code that trained, even if the tree moves on meanwhile
+    if args.publish:
+        for source in args.sources.split(","):
+            publish(args, source)
+        return 0
     if not args.report:
         for source in args.sources.split(","):
             run_source(args, source)

@@ -30,14 +30,16 @@ def _pacs_like(root: Path) -> Path:
 def test_each_source_is_one_compare_command_with_the_same_budget(tmp_path: Path) -> None:
     ns = type("Args", (), {"work": tmp_path / "w", "backbone": "efficientnet_lite0", "data": tmp_path / "pacs",
                            "methods": pacs.METHODS, "seeds": "0,1,2", "image_size": 96, "steps": 600, "workers": 2,
-                           "variants": list(pacs.VARIANTS), "dry_run": True})()
+                           "variants": list(pacs.VARIANTS), "grids": list(pacs.GRIDS), "dry_run": True})()
     cmd = pacs.command(ns, "sketch")
     assert cmd[:3] == ["compare", "--data", str(tmp_path / "pacs" / "sketch")]
     assert "train.max_steps=600" in cmd and "data.image_size=96" in cmd and cmd[-1] == "--dry-run"
     assert cmd.count("--variant") == 2 and "--wise" in cmd
     assert cmd[cmd.index("--family") + 1] == "gmixout=gmixout,gmixout_filter"  # mask levels chosen on held-out
+    assert cmd.count("--grid") == len(pacs.GRIDS)  # every row's grid, three points each
     ns.variants = []
-    assert "--family" not in pacs.command(ns, "sketch")
+    cmd = pacs.command(ns, "sketch")
+    assert "--family" not in cmd and "gmixout_filter=3e-5,1e-4,3e-4" not in cmd  # no grid for an absent row
 
 
 def test_pooled_means_every_source_target_pair_per_seed() -> None:
@@ -92,3 +94,20 @@ def test_a_published_comparison_carries_its_runs_small_files_to_a_fresh_machine(
     (fresh / "runs" / "full" / "lr0.0001-s0" / "results.json").write_text('{"kept": 1}')
     restore_runs(fresh, stem)  # what a machine already has is never overwritten
     assert "kept" in (fresh / "runs" / "full" / "lr0.0001-s0" / "results.json").read_text()
+
+
+def test_publish_writes_a_running_sources_report_and_nothing_for_a_source_not_started(tmp_path: Path) -> None:
+    import json
+
+    folder = tmp_path / "work" / "efficientnet_lite0-sketch"
+    (folder / "runs" / "full" / "lr0.0003-s0").mkdir(parents=True)
+    (folder / "runs" / "full" / "lr0.0003-s0" / "results.json").write_text("{}")
+    (folder / "compare.json").write_text(json.dumps({"runs": [], "selected": {}}))
+    out = tmp_path / "results"
+    out.mkdir()
+    assert pacs.main(["--publish", "--sources", "sketch,cartoon", "--work", str(tmp_path / "work"),
+                      "--out", str(out), "--data", str(tmp_path / "pacs")]) == 0
+    report = json.loads((out / "pacs_efficientnet_lite0_sketch.json").read_text())
+    assert report["source"] == "sketch" and report["command"].startswith("python -m benchmarks.pacs --sources")
+    assert "--grid" in report["compare_command"] and (out / "pacs_efficientnet_lite0_sketch_runs.tgz").is_file()
+    assert not (out / "pacs_efficientnet_lite0_cartoon.json").exists()  # nothing ran there yet
