@@ -70,4 +70,4 @@ case "${1:-check}" in
     ;;
 esac
 git status --porcelain benchmarks/results | awk '{print $2}' | tar czf "$OUT/results.tgz" -T -
-echo "gpu_job: $1 done in $(( $(date +%s) - started )) s"
+echo "gpu_job: ${1:-check} done in $(( $(date +%s) - started )) s"
