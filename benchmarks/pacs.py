@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.bench_common import ROOT, git_head, lever_families, publish_compare, restore_runs, run_gmixout
+from gmixout_cli.compare.report import wise_selected
 from gmixout_cli.utils.io import write_json, write_text
 
 SOURCES = ("art_painting", "cartoon", "photo", "sketch")
@@ -82,13 +83,19 @@ def run_source(args: argparse.Namespace, source: str) -> None:
 def pooled(reports: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Per row: for each seed, the mean over every (source, target) pair and over the sources' held-out ID."""
     rows: dict[str, dict[int, dict[str, list[float]]]] = {}
+
+    def add(label: str, seed: int, point: dict[str, Any]) -> None:
+        per_seed = rows.setdefault(label, {}).setdefault(seed, {"ood": [], "id": []})
+        per_seed["ood"] += [100 * a for a in point["ood"].values()]
+        per_seed["id"].append(100 * next(iter(point["id"].values())))
+
     for report in reports.values():
         for run in report["runs"]:
-            if report["selected"].get(run["label"]) != run["value"]:
-                continue  # grid runs that were not kept
-            per_seed = rows.setdefault(run["label"], {}).setdefault(run["seed"], {"ood": [], "id": []})
-            per_seed["ood"] += [100 * a for a in run["ood"].values()]
-            per_seed["id"].append(100 * next(iter(run["id"].values())))
+            if report["selected"].get(run["label"]) == run["value"]:  # grid runs that were not kept don't count
+                add(run["label"], run["seed"], run)
+        for curve in report.get("wise", []):  # alpha chosen per seed on the held-out split, as in each source's table
+            if report["selected"].get(curve["label"]) == curve["value"]:
+                add(f"wise-ft ({curve['label']})", curve["seed"], wise_selected(curve["curve"]))
     out: dict[str, Any] = {}
     for label, seeds in rows.items():
         complete = {s: v for s, v in seeds.items() if len(v["id"]) == len(reports)}  # every source has the seed
@@ -107,6 +114,9 @@ def write_pooled(args: argparse.Namespace) -> None:
                if (p := args.out / f"pacs_{args.backbone}_{s}.json").is_file()}
     if not reports:
         raise SystemExit(f"pacs: no per-source report for {args.backbone} in {args.out}")
+    if stale := [s for s, r in reports.items() if "selected" not in r]:
+        raise SystemExit(f"pacs: pacs_{args.backbone}_{{{','.join(stale)}}}.json are not `gmixout compare` reports: "
+                         "move them aside (earlier harnesses' files are named pacs_earlier_*)")
     table = pooled(reports)
     stem = args.out / f"pacs_{args.backbone}_pooled"
     write_json(stem.with_suffix(".json"), {"benchmark": "pacs_pooled", "backbone": args.backbone,

@@ -54,6 +54,23 @@ def test_pooled_means_every_source_target_pair_per_seed() -> None:
     assert table["full"]["ood_std"] == 0.0
 
 
+def test_pooled_wise_ft_rows_take_each_seeds_held_out_alpha(tmp_path: Path) -> None:
+    def point(alpha: float, held_out: float, ood: float) -> dict:
+        return {"alpha": alpha, "id": {"a": held_out}, "ood": {"b": ood, "c": ood}}
+
+    curves = [{"label": "gmixout", "value": 3e-4, "seed": 0, "curve": [point(0.5, 0.9, 0.6), point(1.0, 0.8, 0.4)]},
+              {"label": "gmixout", "value": 3e-4, "seed": 1, "curve": [point(0.5, 0.7, 0.2), point(1.0, 0.8, 0.4)]},
+              {"label": "gmixout", "value": 1e-3, "seed": 0, "curve": [point(1.0, 1.0, 1.0)]}]  # not the kept lr
+    table = pacs.pooled({"a": {"selected": {"gmixout": 3e-4}, "runs": [], "wise": curves}})
+    row = table["wise-ft (gmixout)"]
+    assert row["seeds"] == 2 and row["pairs"] == 2
+    assert row["ood_mean"] == pytest.approx(50.0) and row["id_mean"] == pytest.approx(85.0)  # seed 0: 0.5, seed 1: 1.0
+
+    (tmp_path / "pacs_efficientnet_lite0_photo.json").write_text('{"rows": {}}')  # an earlier harness's report
+    with pytest.raises(SystemExit, match="not `gmixout compare` reports"):
+        pacs.main(["--report", "--out", str(tmp_path)])
+
+
 @pytest.mark.slow
 def test_pacs_pack_keeps_every_image_and_the_split_lists(tmp_path: Path) -> None:
     from PIL import Image
