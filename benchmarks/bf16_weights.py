@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.bench_common import ROOT, git_head, publish_compare, restore_runs, run_gmixout
+from gmixout_cli.compare.report import at_selected
 from gmixout_cli.utils.io import write_json
 
 ROWS = {"gmixout_fp32w": "method.name=gmixout", "gmixout_bf16w": "method.name=gmixout method.weight_dtype=bf16"}
@@ -44,8 +45,8 @@ def command(args: argparse.Namespace) -> list[str]:
 def paired(report: dict[str, Any]) -> dict[str, Any]:
     """Per seed, bf16 minus fp32 weights (each row at its chosen rate), in accuracy points."""
     kept: dict[str, dict[int, dict[str, float]]] = {label: {} for label in ROWS}
-    for run in report["runs"]:
-        if run["label"] in kept and report["selected"].get(run["label"]) == run["value"]:
+    for run in at_selected(report, report["runs"]):
+        if run["label"] in kept:
             kept[run["label"]][run["seed"]] = {"id": 100 * next(iter(run["id"].values())),
                                                "ood": 100 * run["ood_avg"]}
     fp32, bf16 = kept["gmixout_fp32w"], kept["gmixout_bf16w"]

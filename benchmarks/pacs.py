@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.bench_common import ROOT, git_head, lever_families, publish_compare, restore_runs, run_gmixout
-from gmixout_cli.compare.report import wise_selected
+from gmixout_cli.compare.report import at_selected, wise_selected
 from gmixout_cli.utils.io import write_json, write_text
 
 SOURCES = ("art_painting", "cartoon", "photo", "sketch")
@@ -90,12 +90,10 @@ def pooled(reports: dict[str, dict[str, Any]]) -> dict[str, Any]:
         per_seed["id"].append(100 * next(iter(point["id"].values())))
 
     for report in reports.values():
-        for run in report["runs"]:
-            if report["selected"].get(run["label"]) == run["value"]:  # grid runs that were not kept don't count
-                add(run["label"], run["seed"], run)
-        for curve in report.get("wise", []):  # alpha chosen per seed on the held-out split, as in each source's table
-            if report["selected"].get(curve["label"]) == curve["value"]:
-                add(f"wise-ft ({curve['label']})", curve["seed"], wise_selected(curve["curve"]))
+        for run in at_selected(report, report["runs"]):
+            add(run["label"], run["seed"], run)
+        for curve in at_selected(report, report.get("wise", [])):  # alpha per seed on held-out, as in each table
+            add(f"wise-ft ({curve['label']})", curve["seed"], wise_selected(curve["curve"]))
     out: dict[str, Any] = {}
     for label, seeds in rows.items():
         complete = {s: v for s, v in seeds.items() if len(v["id"]) == len(reports)}  # every source has the seed

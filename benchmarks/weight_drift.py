@@ -26,6 +26,7 @@ import torch
 from safetensors.torch import load_file
 
 from benchmarks.bench_common import git_head
+from gmixout_cli.compare.report import at_selected
 from gmixout_cli.config.load import build_saved_config
 from gmixout_cli.models.export import read_metadata
 from gmixout_cli.models.registry import build_model, resolve_targets
@@ -57,17 +58,18 @@ def pretrained_of(model_file: Path) -> tuple[dict[str, torch.Tensor], list[str]]
     cfg = build_saved_config(json.loads(meta["config"]))
     model_cfg = dataclasses.replace(cfg.model, head_init="zero")  # the head is not compared: no probe needed
     built = build_model(model_cfg, json.loads(meta["class_names"]), seed=0)
-    state = {k: v.detach().clone() for k, v in built.model.state_dict().items()}
-    return state, resolve_targets(built, cfg.model.targets)
+    targets = resolve_targets(built, cfg.model.targets)
+    state = built.model.state_dict()
+    return {name: state[name].detach().clone() for name in targets}, targets
 
 
 def measure(folder: Path) -> list[dict[str, Any]]:
     report = json.loads((folder / "compare.json").read_text())
     rows = []
     reference: tuple[dict[str, torch.Tensor], list[str]] | None = None
-    for run in report["runs"]:
+    for run in at_selected(report, report["runs"]):
         model_file = folder / run["dir"] / "model.safetensors"
-        if report["selected"].get(run["label"]) != run["value"] or not model_file.is_file():
+        if not model_file.is_file():
             continue
         if reference is None:
             reference = pretrained_of(model_file)
@@ -83,9 +85,9 @@ def markdown(rows: list[dict[str, Any]], title: str) -> str:
     stages = list(rows[0]["drift"]["stages"]) if rows else []
     lines = [f"### {title}", "", "| method | lr | seeds | held-out ID | OOD mean | drift (all targets) | "
              + " | ".join(stages) + " |", "|---" * (6 + len(stages)) + "|"]
+    mean = statistics.fmean
     for label in labels:
         rs = [r for r in rows if r["label"] == label]
-        mean = statistics.fmean
         lines.append(f"| {label} | {rs[0]['value']:g} | {len(rs)} | {100 * mean(r['id'] for r in rs):.1f} | "
                      f"{100 * mean(r['ood_avg'] for r in rs):.1f} | {mean(r['drift']['total'] for r in rs):.4f} | "
                      + " | ".join(f"{mean(r['drift']['stages'][s] for r in rs):.4f}" for s in stages) + " |")

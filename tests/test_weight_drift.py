@@ -35,7 +35,8 @@ def test_drift_is_zero_for_the_pretrained_backbone_and_exact_for_a_known_change(
     runs.append({**runs[1], "value": 1e-2, "dir": "runs/missing"})  # not the selected value: skipped
     (tmp_path / "compare.json").write_text(json.dumps({"selected": {"lp": 1e-3, "full": 1e-3}, "runs": runs}))
 
-    rows = {r["label"]: r["drift"] for r in weight_drift.measure(tmp_path)}
+    measured = weight_drift.measure(tmp_path)
+    rows = {r["label"]: r["drift"] for r in measured}
     assert rows["lp"]["total"] == 0.0 and set(rows["lp"]["stages"]) >= {"conv_stem", "blocks.0", "conv_head"}
     assert rows["full"]["stages"]["conv_head"] == pytest.approx(0.1, rel=1e-5)
     assert rows["full"]["stages"]["blocks.3"] == 0.0
@@ -44,5 +45,5 @@ def test_drift_is_zero_for_the_pretrained_backbone_and_exact_for_a_known_change(
     total -= (head.pow(2).sum() - w0.pow(2).sum()).item()  # the pretrained norm, not the scaled one
     assert rows["full"]["total"] == pytest.approx(0.1 * math.sqrt(w0.pow(2).sum().item() / total), rel=1e-4)
 
-    table = weight_drift.markdown(weight_drift.measure(tmp_path), "t")
+    table = weight_drift.markdown(measured, "t")
     assert "| full | 0.001 | 1 | 90.0 | 50.0 | " in table and "| conv_head |" in table

@@ -39,6 +39,11 @@ def wise_selected(curve: list[dict[str, Any]]) -> dict[str, Any]:
     return max(curve, key=lambda p: (float(next(iter(p["id"].values()))), p["alpha"]))
 
 
+def at_selected(state: dict[str, Any], entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The runs (or WiSE-FT curves) trained at their row's selected value; the grid's other values drop out."""
+    return [e for e in entries if state["selected"].get(e["label"]) == e["value"]]
+
+
 def start_gap(start: float, end: float, runs: list[dict[str, Any]]) -> bool:
     """Whether a row ends below its start (held-out top-1 in %) by more than the held-out split's binomial
     standard error at the start's accuracy: closer than that, the split cannot tell the two apart."""
