@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.bench_common import ROOT, git_head, lever_families, publish_compare, restore_runs, run_gmixout
-from gmixout_cli.compare.report import at_selected, wise_selected
+from gmixout_cli.compare.report import at_selected, plot, wise_selected
 from gmixout_cli.utils.io import write_json, write_text
 
 SOURCES = ("art_painting", "cartoon", "photo", "sketch")
@@ -80,20 +80,35 @@ def run_source(args: argparse.Namespace, source: str) -> None:
         publish(args, source)
 
 
+def pooled_label(report: dict[str, Any], label: str) -> str | None:
+    """The pooled row a source's row counts in: a family's chosen member counts as the family (the lever is the
+    method's, chosen per source on held-out data), its other members drop out (they ran the first seed only)."""
+    for name, family in report.get("families", {}).items():
+        if label in family["members"]:
+            return name if label == family["chosen"] else None
+    return label
+
+
 def pooled(reports: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """Per row: for each seed, the mean over every (source, target) pair and over the sources' held-out ID."""
+    """Per row: for each seed, the mean over every (source, target) pair and over the sources' held-out ID.
+    A diverged run counts as missing, as in each source's own table; a seed pools only where every source has it."""
     rows: dict[str, dict[int, dict[str, list[float]]]] = {}
+    members: dict[str, dict[str, str]] = {}
 
     def add(label: str, seed: int, point: dict[str, Any]) -> None:
         per_seed = rows.setdefault(label, {}).setdefault(seed, {"ood": [], "id": []})
         per_seed["ood"] += [100 * a for a in point["ood"].values()]
         per_seed["id"].append(100 * next(iter(point["id"].values())))
 
-    for report in reports.values():
+    for source, report in reports.items():
         for run in at_selected(report, report["runs"]):
-            add(run["label"], run["seed"], run)
+            if (label := pooled_label(report, run["label"])) and not run.get("diverged"):
+                add(label, run["seed"], run)
+                if label in report.get("families", {}):
+                    members.setdefault(label, {})[source] = run["label"]
         for curve in at_selected(report, report.get("wise", [])):  # alpha per seed on held-out, as in each table
-            add(f"wise-ft ({curve['label']})", curve["seed"], wise_selected(curve["curve"]))
+            if label := pooled_label(report, curve["label"]):
+                add(f"wise-ft ({label})", curve["seed"], wise_selected(curve["curve"]))
     out: dict[str, Any] = {}
     for label, seeds in rows.items():
         complete = {s: v for s, v in seeds.items() if len(v["id"]) == len(reports)}  # every source has the seed
@@ -103,8 +118,28 @@ def pooled(reports: dict[str, dict[str, Any]]) -> dict[str, Any]:
         idm = [statistics.fmean(v["id"]) for v in complete.values()]
         out[label] = {"ood_mean": statistics.fmean(ood), "ood_std": statistics.stdev(ood) if len(ood) > 1 else 0.0,
                       "id_mean": statistics.fmean(idm), "id_std": statistics.stdev(idm) if len(idm) > 1 else 0.0,
-                      "seeds": len(complete), "pairs": len(complete[next(iter(complete))]["ood"])}
+                      "seeds": len(complete), "pairs": len(complete[next(iter(complete))]["ood"]),
+                      **({"chosen": members[label]} if label in members else {})}
     return out
+
+
+def pooled_curves(reports: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """WiSE-FT curves pooled like the rows: per family/row and seed, at each alpha, the held-out ID mean over the
+    sources and every source -> target accuracy, in compare's curve shape (so its plot draws them)."""
+    points: dict[tuple[str, int, float], dict[str, list[float]]] = {}
+    for report in reports.values():
+        for curve in at_selected(report, report.get("wise", [])):
+            if label := pooled_label(report, curve["label"]):
+                for p in curve["curve"]:
+                    acc = points.setdefault((label, curve["seed"], p["alpha"]), {"id": [], "ood": []})
+                    acc["id"].append(next(iter(p["id"].values())))
+                    acc["ood"] += [p["ood"][t] for t in sorted(p["ood"])]
+    curves: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for (label, seed, alpha), acc in sorted(points.items()):
+        if len(acc["id"]) == len(reports):
+            curves.setdefault((label, seed), []).append({"alpha": alpha, "id": {"pooled": statistics.fmean(acc["id"])},
+                                                         "ood": dict(enumerate(acc["ood"]))})
+    return [{"label": label, "seed": seed, "curve": c} for (label, seed), c in curves.items()]
 
 
 def write_pooled(args: argparse.Namespace) -> None:
@@ -127,7 +162,15 @@ def write_pooled(args: argparse.Namespace) -> None:
     lines += [f"| {k} | {r['id_mean']:.1f} ± {r['id_std']:.1f} | {r['ood_mean']:.1f} ± {r['ood_std']:.1f} "
               f"({r['pairs']} pairs) | {r['seeds']} |"
               for k, r in sorted(table.items(), key=lambda i: -i[1]["ood_mean"])]
+    lines += [f"\n{k} is a family: its member chosen on each source's held-out split was "
+              + ", ".join(f"{m} ({s})" for s, m in sorted(r["chosen"].items())) + "."
+              for k, r in table.items() if r.get("chosen")]
     write_text(stem.with_suffix(".md"), "\n".join(lines) + "\n")
+    summary = {k: {"id": {"mean": r["id_mean"], "std": r["id_std"]}, "ood_mean": {"mean": r["ood_mean"],
+                                                                                  "std": r["ood_std"]}}
+               for k, r in table.items()}
+    plot(stem.with_suffix(".png"), {"plan": {}, "wise": pooled_curves(reports)}, summary,
+         f"PACS, {args.backbone}: mean over {len(reports)} sources, mean ± std over seeds")
     print("\n".join(lines))
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -69,6 +70,40 @@ def test_pooled_wise_ft_rows_take_each_seeds_held_out_alpha(tmp_path: Path) -> N
     (tmp_path / "pacs_efficientnet_lite0_photo.json").write_text('{"rows": {}}')  # an earlier harness's report
     with pytest.raises(SystemExit, match="not `gmixout compare` reports"):
         pacs.main(["--report", "--out", str(tmp_path)])
+
+
+def test_pooled_family_counts_each_sources_chosen_member_and_drops_diverged_seeds(tmp_path: Path) -> None:
+    def run(label: str, seed: int, ood: float, diverged: bool = False) -> dict:
+        if diverged:
+            return {"label": label, "value": 1e-4, "seed": seed, "diverged": "nan loss", "id": {}, "ood": {}}
+        return {"label": label, "value": 1e-4, "seed": seed, "id": {"s": 0.9}, "ood": {"t": ood}}
+
+    def point(alpha: float, ood: float) -> dict:
+        return {"alpha": alpha, "id": {"s": 0.9}, "ood": {"t": ood}}
+
+    def report(chosen: str, other: str, ood: float) -> dict:
+        runs = [run(chosen, s, ood) for s in (0, 1)] + [run(other, 0, 0.0)]  # the unchosen ran seed 0 only
+        runs += [run("full", 0, 0.5), run("full", 1, 0.5, diverged=chosen == "gmixout_filter")]
+        wise = [{"label": chosen, "value": 1e-4, "seed": s, "curve": [point(0.5, ood / 2), point(1.0, ood)]}
+                for s in (0, 1)]
+        return {"selected": {"gmixout": 1e-4, "gmixout_filter": 1e-4, "full": 1e-4}, "runs": runs, "wise": wise,
+                "families": {"gmixout": {"members": ["gmixout", "gmixout_filter"], "chosen": chosen}}}
+
+    reports = {"sketch": report("gmixout", "gmixout_filter", 0.6), "cartoon": report("gmixout_filter", "gmixout", 0.8)}
+    table = pacs.pooled(reports)
+    assert set(table) == {"gmixout", "full", "wise-ft (gmixout)"}  # the unchosen member is no row of its own
+    assert table["gmixout"]["seeds"] == 2 and table["gmixout"]["ood_mean"] == pytest.approx(70.0)
+    assert table["gmixout"]["chosen"] == {"sketch": "gmixout", "cartoon": "gmixout_filter"}
+    assert table["full"]["seeds"] == 1  # cartoon's seed 1 diverged: missing, as in its own table
+    curves = pacs.pooled_curves(reports)
+    assert [c["seed"] for c in curves] == [0, 1] and [p["alpha"] for p in curves[0]["curve"]] == [0.5, 1.0]
+    assert sorted(curves[0]["curve"][1]["ood"].values()) == [0.6, 0.8]
+
+    for source, r in reports.items():
+        (tmp_path / f"pacs_efficientnet_lite0_{source}.json").write_text(json.dumps(r))
+    assert pacs.main(["--report", "--out", str(tmp_path)]) == 0
+    assert "gmixout_filter (cartoon)" in (tmp_path / "pacs_efficientnet_lite0_pooled.md").read_text()
+    assert (tmp_path / "pacs_efficientnet_lite0_pooled.png").stat().st_size > 0
 
 
 @pytest.mark.slow
