@@ -157,7 +157,8 @@ def write_pooled(args: argparse.Namespace) -> None:
                                            "source_commits": {s: r.get("git_commit") for s, r in reports.items()},
                                            "command": " ".join(["python", "-m", "benchmarks.pacs", *args.argv]),
                                            "rows": table})
-    lines = [f"### PACS, {args.backbone}: mean over {len(reports)} sources ({', '.join(sorted(reports))})", "",
+    over = f"mean over {len(reports)} source{'s' * (len(reports) > 1)} ({', '.join(sorted(reports))})"
+    lines = [f"### PACS, {args.backbone}: {over}", "",
              "| method | held-out ID | OOD mean (source -> target pairs) | seeds |", "|---|---|---|---|"]
     lines += [f"| {k} | {r['id_mean']:.1f} ± {r['id_std']:.1f} | {r['ood_mean']:.1f} ± {r['ood_std']:.1f} "
               f"({r['pairs']} pairs) | {r['seeds']} |"
@@ -170,7 +171,7 @@ def write_pooled(args: argparse.Namespace) -> None:
                                                                                   "std": r["ood_std"]}}
                for k, r in table.items()}
     plot(stem.with_suffix(".png"), {"plan": {}, "wise": pooled_curves(reports)}, summary,
-         f"PACS, {args.backbone}: mean over {len(reports)} sources, mean ± std over seeds")
+         f"PACS, {args.backbone}: {over}, mean ± std over seeds")
     print("\n".join(lines))
 
 
