@@ -41,6 +41,14 @@ GRIDS = ("full=1e-4,3e-4,1e-3", "lp=3e-3,1e-2,3e-2", "lpft=1e-4,3e-4,1e-3", "lor
          "mixout=1e-4,3e-4,1e-3", "randmask=1e-4,3e-4,1e-3", "gmixout=1e-4,3e-4,1e-3",
          "full_update_bn=3e-4,1e-3,3e-3", "gmixout_filter=3e-5,1e-4,3e-4")
 
+# GMixout's episode levers (`--levers`), added to its family and chosen with the mask level on held-out data at
+# the first seed: the anchor EMA over the paper's stable range, AdamW moments kept across episodes (a fresh
+# episode's first step then is not a full-lr sign step on every kept entry), fewer and longer episodes.
+LEVERS = ("gmixout_lam0.3:method.name=gmixout method.lam=0.3", "gmixout_lam0.7:method.name=gmixout method.lam=0.7",
+          "gmixout_keep_moments:method.name=gmixout method.reset_moments=false",
+          "gmixout_episodes10:method.name=gmixout method.episodes=10")
+LEVER_GRIDS = tuple(f"{v.partition(':')[0]}=1e-4,3e-4,1e-3" for v in LEVERS)
+
 
 def command(args: argparse.Namespace, source: str) -> list[str]:
     """The `gmixout compare` arguments for one source."""
@@ -183,6 +191,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--methods", default=METHODS)
     ap.add_argument("--variants", action="append", default=None, help=f"extra rows (default: {VARIANTS})")
     ap.add_argument("--grids", action="append", default=None, help=f"'ROW=V1,V2,V3' (default: {GRIDS})")
+    ap.add_argument("--levers", action="store_true",
+                    help="also GMixout's episode levers (anchor EMA 0.3 / 0.7, moments kept, 10 episodes) in its "
+                         "family, chosen on held-out data; finished runs are reused, so this adds their seed-0 grids")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--steps", type=int, default=600, help="optimizer steps per run (GMixout: 30 episodes)")
     ap.add_argument("--image-size", type=int, default=96)
@@ -199,6 +210,9 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = sys.argv[1:] if argv is None else argv
     args.variants = list(VARIANTS) if args.variants is None else args.variants
     args.grids = list(GRIDS) if args.grids is None else args.grids
+    if args.levers:
+        args.variants += [v for v in LEVERS if v not in args.variants]
+        args.grids += [g for g in LEVER_GRIDS if g not in args.grids]
     args.commit = git_head()  # at the start: the code that trained, even if the tree moves on meanwhile
     if args.publish:
         for source in args.sources.split(","):

@@ -43,6 +43,24 @@ def test_each_source_is_one_compare_command_with_the_same_budget(tmp_path: Path)
     assert "--family" not in cmd and "gmixout_filter=3e-5,1e-4,3e-4" not in cmd  # no grid for an absent row
 
 
+def test_levers_join_gmixouts_family_with_valid_fields_and_their_own_grids(tmp_path: Path) -> None:
+    from gmixout_cli.config.load import build_config, parse_overrides
+
+    ns = type("Args", (), {"work": tmp_path / "w", "backbone": "efficientnet_lite0", "data": tmp_path / "pacs",
+                           "methods": pacs.METHODS, "seeds": "0,1,2", "image_size": 96, "steps": 600, "workers": 2,
+                           "variants": [*pacs.VARIANTS, *pacs.LEVERS], "grids": [*pacs.GRIDS, *pacs.LEVER_GRIDS],
+                           "dry_run": False})()
+    cmd = pacs.command(ns, "sketch")
+    members = cmd[cmd.index("--family") + 1].partition("=")[2].split(",")
+    assert members == ["gmixout", "gmixout_filter", "gmixout_lam0.3", "gmixout_lam0.7", "gmixout_keep_moments",
+                       "gmixout_episodes10"]
+    assert "gmixout_keep_moments=1e-4,3e-4,1e-3" in cmd and cmd.count("--grid") == len(pacs.GRIDS) + len(pacs.LEVERS)
+    for variant in pacs.LEVERS:  # every lever is a field GMixout reads, with a value it accepts
+        cfg = build_config(parse_overrides(variant.partition(":")[2].split()))
+        assert not cfg.method.problems()
+    assert build_config(parse_overrides(["method.reset_moments=false"])).method.reset_moments is False
+
+
 def test_pooled_means_every_source_target_pair_per_seed() -> None:
     def report(source: str, ood: dict[str, float], held_out: float) -> dict:
         runs = [{"label": "full", "value": 1e-4, "seed": s, "id": {source: held_out}, "ood": ood} for s in (0, 1)]
