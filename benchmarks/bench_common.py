@@ -69,6 +69,13 @@ def versions(modules: tuple[str, ...] = ("triton", "open_clip", "peft", "timm"))
 
 SMALL_RUN_FILES = ("results.json", "config.yaml", "wise.json", "metrics.jsonl")
 
+# Rows both robustness benchmarks add beside the built-in methods (`gmixout compare --variant LABEL:OVERRIDES`)
+BATCH_STATS_ROW = "full_update_bn:method.name=full method.norm_stats=update"  # BatchNorm statistics from the batches
+FILTER_MASK_ROW = "gmixout_filter:method.name=gmixout method.mask=filter"  # whole output filters (HR-Mixout style)
+# the anchor's EMA either side of the default 0.5 (the range the paper's ablations call stable)
+ANCHOR_EMA_ROWS = ("gmixout_lam0.3:method.name=gmixout method.lam=0.3",
+                   "gmixout_lam0.7:method.name=gmixout method.lam=0.7")
+
 
 def lever_families(methods: str, variants: list[str]) -> list[str]:
     """`--family` arguments: GMixout and its `gmixout_*` variants (mask level, anchor EMA...) are one method

@@ -21,13 +21,20 @@ import sys
 from pathlib import Path
 
 from benchmarks import fmnist_c
-from benchmarks.bench_common import ROOT, git_head, lever_families, publish_compare, restore_runs, run_gmixout
+from benchmarks.bench_common import (
+    ANCHOR_EMA_ROWS,
+    BATCH_STATS_ROW,
+    FILTER_MASK_ROW,
+    ROOT,
+    git_head,
+    lever_families,
+    publish_compare,
+    restore_runs,
+    run_gmixout,
+)
 
 METHODS = "full,lp,lpft,lora,mixout,randmask,gmixout"
-VARIANTS = ("full_update_bn:method.name=full method.norm_stats=update",  # BatchNorm statistics from the batches
-            "gmixout_filter:method.name=gmixout method.mask=filter",  # whole output filters (HR-Mixout style)
-            # the anchor's EMA either side of the default 0.5 (the range the paper's ablations call stable)
-            "gmixout_lam0.3:method.name=gmixout method.lam=0.3", "gmixout_lam0.7:method.name=gmixout method.lam=0.7")
+VARIANTS = (BATCH_STATS_ROW, FILTER_MASK_ROW, *ANCHOR_EMA_ROWS)
 
 
 def command(args: argparse.Namespace) -> list[str]:

@@ -25,14 +25,23 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from benchmarks.bench_common import ROOT, git_head, lever_families, publish_compare, restore_runs, run_gmixout
+from benchmarks.bench_common import (
+    ANCHOR_EMA_ROWS,
+    BATCH_STATS_ROW,
+    FILTER_MASK_ROW,
+    ROOT,
+    git_head,
+    lever_families,
+    publish_compare,
+    restore_runs,
+    run_gmixout,
+)
 from gmixout_cli.compare.report import at_selected, plot, wise_selected
 from gmixout_cli.utils.io import write_json, write_text
 
 SOURCES = ("art_painting", "cartoon", "photo", "sketch")
 METHODS = "full,lp,lpft,lora,mixout,randmask,gmixout"
-VARIANTS = ("full_update_bn:method.name=full method.norm_stats=update",  # BatchNorm statistics from the batches
-            "gmixout_filter:method.name=gmixout method.mask=filter")  # whole output filters (HR-Mixout style)
+VARIANTS = (BATCH_STATS_ROW, FILTER_MASK_ROW)
 # Three-point grids centred on what sketch's seed-0 grids chose at this budget, starting from the recipe-centred
 # grids (2026-12-03, commit 82c60a9): full, LP-FT, Mixout, RandMask, GMixout 3e-4; full with batch statistics
 # 1e-3; LoRA 3e-3; the probe's head lr 1e-2; filter masks 1e-4. That saves the runs each grid spent growing.
@@ -44,8 +53,7 @@ GRIDS = ("full=1e-4,3e-4,1e-3", "lp=3e-3,1e-2,3e-2", "lpft=1e-4,3e-4,1e-3", "lor
 # GMixout's episode levers (`--levers`), added to its family and chosen with the mask level on held-out data at
 # the first seed: the anchor EMA over the paper's stable range, AdamW moments kept across episodes (a fresh
 # episode's first step then is not a full-lr sign step on every kept entry), fewer and longer episodes.
-LEVERS = ("gmixout_lam0.3:method.name=gmixout method.lam=0.3", "gmixout_lam0.7:method.name=gmixout method.lam=0.7",
-          "gmixout_keep_moments:method.name=gmixout method.reset_moments=false",
+LEVERS = (*ANCHOR_EMA_ROWS, "gmixout_keep_moments:method.name=gmixout method.reset_moments=false",
           "gmixout_episodes10:method.name=gmixout method.episodes=10")
 LEVER_GRIDS = tuple(f"{v.partition(':')[0]}=1e-4,3e-4,1e-3" for v in LEVERS)
 

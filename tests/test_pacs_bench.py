@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
@@ -28,10 +29,15 @@ def _pacs_like(root: Path) -> Path:
     return root
 
 
+def _args(tmp_path: Path, variants: list[str], grids: list[str], dry_run: bool) -> argparse.Namespace:
+    """benchmarks.pacs's parsed arguments at the benchmark's budget."""
+    return argparse.Namespace(work=tmp_path / "w", backbone="efficientnet_lite0", data=tmp_path / "pacs",
+                              methods=pacs.METHODS, seeds="0,1,2", image_size=96, steps=600, workers=2,
+                              variants=variants, grids=grids, dry_run=dry_run)
+
+
 def test_each_source_is_one_compare_command_with_the_same_budget(tmp_path: Path) -> None:
-    ns = type("Args", (), {"work": tmp_path / "w", "backbone": "efficientnet_lite0", "data": tmp_path / "pacs",
-                           "methods": pacs.METHODS, "seeds": "0,1,2", "image_size": 96, "steps": 600, "workers": 2,
-                           "variants": list(pacs.VARIANTS), "grids": list(pacs.GRIDS), "dry_run": True})()
+    ns = _args(tmp_path, list(pacs.VARIANTS), list(pacs.GRIDS), dry_run=True)
     cmd = pacs.command(ns, "sketch")
     assert cmd[:3] == ["compare", "--data", str(tmp_path / "pacs" / "sketch")]
     assert "train.max_steps=600" in cmd and "data.image_size=96" in cmd and cmd[-1] == "--dry-run"
@@ -46,10 +52,7 @@ def test_each_source_is_one_compare_command_with_the_same_budget(tmp_path: Path)
 def test_levers_join_gmixouts_family_with_valid_fields_and_their_own_grids(tmp_path: Path) -> None:
     from gmixout_cli.config.load import build_config, parse_overrides
 
-    ns = type("Args", (), {"work": tmp_path / "w", "backbone": "efficientnet_lite0", "data": tmp_path / "pacs",
-                           "methods": pacs.METHODS, "seeds": "0,1,2", "image_size": 96, "steps": 600, "workers": 2,
-                           "variants": [*pacs.VARIANTS, *pacs.LEVERS], "grids": [*pacs.GRIDS, *pacs.LEVER_GRIDS],
-                           "dry_run": False})()
+    ns = _args(tmp_path, [*pacs.VARIANTS, *pacs.LEVERS], [*pacs.GRIDS, *pacs.LEVER_GRIDS], dry_run=False)
     cmd = pacs.command(ns, "sketch")
     members = cmd[cmd.index("--family") + 1].partition("=")[2].split(",")
     assert members == ["gmixout", "gmixout_filter", "gmixout_lam0.3", "gmixout_lam0.7", "gmixout_keep_moments",
