@@ -36,7 +36,7 @@ from benchmarks.bench_common import (
     restore_runs,
     run_gmixout,
 )
-from gmixout_cli.compare.report import at_selected, plot, wise_selected
+from gmixout_cli.compare.report import at_selected, one_se, plot, wise_selected
 from gmixout_cli.utils.io import write_json, write_text
 
 SOURCES = ("art_painting", "cartoon", "photo", "sketch")
@@ -139,6 +139,19 @@ def pooled(reports: dict[str, dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def pooled_one_se(reports: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Per row, the first seed's held-out ID and OOD mean over the sources at the headline's lr and at the
+    one-standard-error rule's lr (each source's own choice; rows every source has)."""
+    picks: dict[str, list[dict[str, Any]]] = {}
+    for report in reports.values():
+        for label, pick in one_se(report).items():
+            if row := pooled_label(report, label):
+                picks.setdefault(row, []).append(pick)
+    return {row: {k: statistics.fmean(p[k] for p in ps) for k in ("selected_id", "selected_ood_mean", "id",
+                                                                   "ood_mean")}
+            for row, ps in picks.items() if len(ps) == len(reports)}
+
+
 def pooled_curves(reports: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     """WiSE-FT curves pooled like the rows: per family/row and seed, at each alpha, the held-out ID mean over the
     sources and every source -> target accuracy, in compare's curve shape (so its plot draws them)."""
@@ -166,13 +179,13 @@ def write_pooled(args: argparse.Namespace) -> None:
     if stale := [s for s, r in reports.items() if "selected" not in r]:
         raise SystemExit(f"pacs: pacs_{args.backbone}_{{{','.join(stale)}}}.json are not `gmixout compare` reports: "
                          "move them aside (earlier harnesses' files are named pacs_earlier_*)")
-    table = pooled(reports)
+    table, rule = pooled(reports), pooled_one_se(reports)
     stem = args.out / f"pacs_{args.backbone}_pooled"
     write_json(stem.with_suffix(".json"), {"benchmark": "pacs_pooled", "backbone": args.backbone,
                                            "sources": sorted(reports), "git_commit": git_head(),
                                            "source_commits": {s: r.get("git_commit") for s, r in reports.items()},
                                            "command": " ".join(["python", "-m", "benchmarks.pacs", *args.argv]),
-                                           "rows": table})
+                                           "rows": table, "one_se_first_seed": rule})
     over = f"mean over {len(reports)} source{'s' * (len(reports) > 1)} ({', '.join(sorted(reports))})"
     lines = [f"### PACS, {args.backbone}: {over}", "",
              "| method | held-out ID | OOD mean (source -> target pairs) | seeds |", "|---|---|---|---|"]
@@ -182,6 +195,12 @@ def write_pooled(args: argparse.Namespace) -> None:
     lines += [f"\n{k} is a family: its member chosen on each source's held-out split was "
               + ", ".join(f"{m} ({s})" for s, m in sorted(r["chosen"].items())) + "."
               for k, r in table.items() if r.get("chosen")]
+    lines += ["", "First seed, the headline's selection against the one-standard-error rule (the lowest lr within "
+              "one standard error of the best; each source's held-out split chooses either way): held-out ID / "
+              "OOD mean", "",
+              "| method | headline rule | one-SE rule |", "|---|---|---|"]
+    lines += [f"| {k} | {r['selected_id']:.1f} / {r['selected_ood_mean']:.1f} | {r['id']:.1f} / {r['ood_mean']:.1f} |"
+              for k, r in sorted(rule.items(), key=lambda i: -i[1]["selected_ood_mean"])]
     write_text(stem.with_suffix(".md"), "\n".join(lines) + "\n")
     summary = {k: {"id": {"mean": r["id_mean"], "std": r["id_std"]}, "ood_mean": {"mean": r["ood_mean"],
                                                                                   "std": r["ood_std"]}}

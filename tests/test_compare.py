@@ -93,6 +93,33 @@ def test_a_row_is_below_its_start_only_beyond_the_held_out_splits_noise() -> Non
     assert start_gap(80.0, 79.0, [{}])  # the split's size unknown: any drop counts
 
 
+def test_the_one_se_rule_takes_the_lowest_lr_the_held_out_split_cannot_tell_from_the_best() -> None:
+    from gmixout_cli.compare.report import markdown, one_se
+
+    def run(label: str, value: float, held: float, ood: float, seed: int = 0) -> dict:
+        return {"label": label, "value": value, "seed": seed, "id": {"src": held}, "ood": {"tgt": ood},
+                "held_out_images": 400}  # standard error at 92%: 1.36 points
+
+    state = {"plan": {"seeds": [0, 1], "rows": [{"label": "full", "key": "train.lr"},
+                                                {"label": "probe", "key": "train.head_lr"},
+                                                {"label": "l2", "key": "method.l2"}]},
+             "selected": {"full": 1e-3, "probe": 1e-2, "l2": 1.0},
+             "runs": [run("full", 1e-4, 0.91, 0.66), run("full", 3e-4, 0.89, 0.64), run("full", 1e-3, 0.92, 0.60),
+                      run("full", 1e-3, 0.50, 0.10, seed=1),  # other seeds never choose
+                      run("probe", 3e-3, 0.85, 0.50), run("probe", 1e-2, 0.88, 0.55),
+                      run("l2", 0.1, 0.90, 0.5), run("l2", 1.0, 0.91, 0.5)]}  # not a learning rate: no rule
+    rule = one_se(state)
+    assert set(rule) == {"full", "probe"}
+    assert rule["full"]["value"] == 1e-4 and rule["full"]["ood_mean"] == pytest.approx(66.0)
+    assert rule["full"]["selected_ood_mean"] == pytest.approx(60.0)
+    assert rule["full"]["se"] == pytest.approx(1.357, abs=1e-3)
+    assert rule["probe"]["value"] == 1e-2  # 3 points below the best: the split tells them apart
+    assert "| full | 0.001 | 0.0001 | 1.4 | 92.0 / 60.0 | 91.0 / 66.0 |" in markdown(
+        state, {}, ["tgt"], "t")
+    assert one_se({**state, "runs": [{k: v for k, v in r.items() if k != "held_out_images"}
+                                     for r in state["runs"]]}) == {}  # the split's size unknown: no rule
+
+
 @pytest.mark.parametrize(("args", "message"), [
     (["--methods", "full,nosuch"], "unknown method 'nosuch'"),
     (["--methods", "", "--variant", "frozen:method.norm_stats=frozen"], "names no method"),

@@ -97,7 +97,8 @@ def test_pooled_family_counts_each_sources_chosen_member_and_drops_diverged_seed
     def run(label: str, seed: int, ood: float, diverged: bool = False) -> dict:
         if diverged:
             return {"label": label, "value": 1e-4, "seed": seed, "diverged": "nan loss", "id": {}, "ood": {}}
-        return {"label": label, "value": 1e-4, "seed": seed, "id": {"s": 0.9}, "ood": {"t": ood}}
+        return {"label": label, "value": 1e-4, "seed": seed, "id": {"s": 0.9}, "ood": {"t": ood},
+                "held_out_images": 100}
 
     def point(alpha: float, ood: float) -> dict:
         return {"alpha": alpha, "id": {"s": 0.9}, "ood": {"t": ood}}
@@ -108,7 +109,9 @@ def test_pooled_family_counts_each_sources_chosen_member_and_drops_diverged_seed
         wise = [{"label": chosen, "value": 1e-4, "seed": s, "curve": [point(0.5, ood / 2), point(1.0, ood)]}
                 for s in (0, 1)]
         return {"selected": {"gmixout": 1e-4, "gmixout_filter": 1e-4, "full": 1e-4}, "runs": runs, "wise": wise,
-                "families": {"gmixout": {"members": ["gmixout", "gmixout_filter"], "chosen": chosen}}}
+                "families": {"gmixout": {"members": ["gmixout", "gmixout_filter"], "chosen": chosen}},
+                "plan": {"seeds": [0, 1], "rows": [{"label": k, "key": "train.lr"} for k in ("gmixout", "full")]
+                         + [{"label": "gmixout_filter", "key": "train.lr"}]}}
 
     reports = {"sketch": report("gmixout", "gmixout_filter", 0.6), "cartoon": report("gmixout_filter", "gmixout", 0.8)}
     table = pacs.pooled(reports)
@@ -124,6 +127,10 @@ def test_pooled_family_counts_each_sources_chosen_member_and_drops_diverged_seed
         (tmp_path / f"pacs_efficientnet_lite0_{source}.json").write_text(json.dumps(r))
     assert pacs.main(["--report", "--out", str(tmp_path)]) == 0
     assert "gmixout_filter (cartoon)" in (tmp_path / "pacs_efficientnet_lite0_pooled.md").read_text()
+    rule = json.loads((tmp_path / "pacs_efficientnet_lite0_pooled.json").read_text())["one_se_first_seed"]
+    assert set(rule) == {"gmixout", "full"}  # the family by each source's chosen member, as in the table
+    assert rule["gmixout"]["ood_mean"] == pytest.approx(70.0)
+    assert rule["full"]["selected_ood_mean"] == pytest.approx(50.0)
     assert (tmp_path / "pacs_efficientnet_lite0_pooled.png").stat().st_size > 0
 
 

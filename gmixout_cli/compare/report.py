@@ -1,4 +1,5 @@
-"""A comparison's report: mean ± std over seeds per row, WiSE-FT rows, the oracle table; JSON, markdown, PNG."""
+"""A comparison's report: mean ± std over seeds per row, WiSE-FT rows, the oracle and one-SE tables; JSON,
+markdown, PNG."""
 
 from __future__ import annotations
 
@@ -44,14 +45,21 @@ def at_selected(state: dict[str, Any], entries: list[dict[str, Any]]) -> list[di
     return [e for e in entries if state["selected"].get(e["label"]) == e["value"]]
 
 
+def held_out_se(accuracy: float, runs: list[dict[str, Any]]) -> float | None:
+    """The held-out split's binomial standard error (in %) at `accuracy` (in %); None when no run recorded the
+    split's size."""
+    sizes = [int(r["held_out_images"]) for r in runs if r.get("held_out_images")]
+    if not sizes:
+        return None
+    p = min(max(accuracy / 100.0, 0.0), 1.0)
+    return 100.0 * math.sqrt(p * (1.0 - p) / min(sizes))
+
+
 def start_gap(start: float, end: float, runs: list[dict[str, Any]]) -> bool:
     """Whether a row ends below its start (held-out top-1 in %) by more than the held-out split's binomial
     standard error at the start's accuracy: closer than that, the split cannot tell the two apart."""
-    sizes = [int(r["held_out_images"]) for r in runs if r.get("held_out_images")]
-    if not sizes:  # runs from before the split's size was recorded: any drop counts
-        return end < start
-    p = min(max(start / 100.0, 0.0), 1.0)
-    return start - end > 100.0 * math.sqrt(p * (1.0 - p) / min(sizes))
+    se = held_out_se(start, runs)
+    return end < start if se is None else start - end > se  # size unknown (older runs): any drop counts
 
 
 def summarise(state: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -122,6 +130,31 @@ def oracle(state: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return out
 
 
+def one_se(state: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Per learning-rate row, what the one-standard-error rule would have chosen at the first seed: the lowest lr
+    whose held-out top-1 is within one binomial standard error of the grid's best (the split cannot tell them
+    apart, and the smaller step stays nearer the pretrained weights). Held-out data only, like the headline; a
+    sensitivity check of the selection beside it, never a replacement (the other seeds ran at the headline's
+    choice)."""
+    seed, keys = state["plan"]["seeds"][0], {r["label"]: r["key"] for r in state["plan"]["rows"]}
+    out = {}
+    for label, chosen in state["selected"].items():
+        runs = {r["value"]: r for r in state["runs"] if r["label"] == label and r["seed"] == seed
+                and not r.get("diverged")}
+        if not keys.get(label, "").endswith("lr") or chosen not in runs:
+            continue
+        scores = {v: 100.0 * _metrics(r, _id_test(state))["id"] for v, r in runs.items()}
+        se = held_out_se(max(scores.values()), list(runs.values()))
+        if se is None:
+            continue
+        value = min(v for v, score in scores.items() if score >= max(scores.values()) - se)
+        pick, held = (_metrics(runs[v], _id_test(state)) for v in (value, chosen))
+        out[label] = {"value": value, "selected": chosen, "se": se, "id": 100.0 * pick["id"],
+                      "ood_mean": 100.0 * pick["ood_mean"], "selected_id": 100.0 * held["id"],
+                      "selected_ood_mean": 100.0 * held["ood_mean"]}
+    return out
+
+
 def _cell(m: dict[str, float]) -> str:
     return f"{m['mean']:.1f} ± {m['std']:.1f}"
 
@@ -167,6 +200,14 @@ def markdown(state: dict[str, Any], summary: dict[str, dict[str, Any]], domains:
         lines += ["", "#### Oracle (selected on the target domains, first seed only: headroom, not a result)", "",
                   "| method | value | held-out ID | OOD mean |", "|---|---|---|---|"]
         lines += [f"| {k} | {o['value']:g} | {o['id']:.1f} | {o['ood_mean']:.1f} |" for k, o in orc.items()]
+    if rule := one_se(state):
+        lines += ["", "#### One-standard-error rule (first seed, held-out only: a check of the selection, not a "
+                  "result)", "", "The lowest lr within one standard error of the grid's best held-out top-1, "
+                  "beside the headline's choice (held-out ID / OOD mean at the first seed).", "",
+                  "| method | chosen | one-SE lr | standard error | chosen: ID / OOD | one-SE: ID / OOD |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {k} | {o['selected']:g} | {o['value']:g} | {o['se']:.1f} | {o['selected_id']:.1f} / "
+                  f"{o['selected_ood_mean']:.1f} | {o['id']:.1f} / {o['ood_mean']:.1f} |" for k, o in rule.items()]
     return "\n".join(lines) + "\n"
 
 
@@ -234,7 +275,8 @@ def write_report(out: Path, state: dict[str, Any], title: str) -> dict[str, Any]
     domains = sorted({d for r in state["runs"] for d in r["ood"]})
     report = {"title": title, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "command": compare_command(sys.argv[1:]), "versions": library_versions(),
-              "summary": summary, "oracle": oracle(state) if summary else {}, **state}
+              "summary": summary, "oracle": oracle(state) if summary else {},
+              "one_se": one_se(state) if summary else {}, **state}
     write_json(out / "compare.json", report)
     if summary:
         write_text(out / "compare.md", markdown(state, summary, domains, title))
