@@ -56,7 +56,7 @@ def test_levers_join_gmixouts_family_with_valid_fields_and_their_own_grids(tmp_p
     cmd = pacs.command(ns, "sketch")
     members = cmd[cmd.index("--family") + 1].partition("=")[2].split(",")
     assert members == ["gmixout", "gmixout_filter", "gmixout_lam0.3", "gmixout_lam0.7", "gmixout_keep_moments",
-                       "gmixout_episodes10"]
+                       "gmixout_episodes10", "gmixout_episodes100"]
     assert "gmixout_keep_moments=1e-4,3e-4,1e-3" in cmd and cmd.count("--grid") == len(pacs.GRIDS) + len(pacs.LEVERS)
     for variant in pacs.LEVERS:  # every lever is a field GMixout reads, with a value it accepts
         cfg = build_config(parse_overrides(variant.partition(":")[2].split()))
