@@ -100,7 +100,7 @@ def test_the_one_se_rule_takes_the_lowest_lr_the_held_out_split_cannot_tell_from
         return {"label": label, "value": value, "seed": seed, "id": {"src": held}, "ood": {"tgt": ood},
                 "held_out_images": 400}  # standard error at 92%: 1.36 points
 
-    state = {"plan": {"seeds": [0, 1], "rows": [{"label": "full", "key": "train.lr"},
+    state = {"plan": {"seeds": [0, 1], "rows": [{"label": "full", "key": "train.lr", "initial_grid": [1e-4, 3e-4]},
                                                 {"label": "probe", "key": "train.head_lr"},
                                                 {"label": "l2", "key": "method.l2"}]},
              "selected": {"full": 1e-3, "probe": 1e-2, "l2": 1.0},
@@ -114,8 +114,10 @@ def test_the_one_se_rule_takes_the_lowest_lr_the_held_out_split_cannot_tell_from
     assert rule["full"]["selected_ood_mean"] == pytest.approx(60.0)
     assert rule["full"]["se"] == pytest.approx(1.357, abs=1e-3)
     assert rule["probe"]["value"] == 1e-2  # 3 points below the best: the split tells them apart
-    assert "| full | 0.001 | 0.0001 | 1.4 | 92.0 / 60.0 | 91.0 / 66.0 |" in markdown(
-        state, {}, ["tgt"], "t")
+    table = markdown(state, {}, ["tgt"], "t")
+    assert "| full | 0.001 | 0.0001 | 1.4 | 92.0 / 60.0 | 91.0 / 66.0 |" in table
+    # every grid value of the first seed, the kept one in bold, one the grid grew to marked
+    assert "| full | 0.0001: 91.0 / 66.0, 0.0003: 89.0 / 64.0, **0.001: 92.0 / 60.0 (grown)** |" in table
     assert one_se({**state, "runs": [{k: v for k, v in r.items() if k != "held_out_images"}
                                      for r in state["runs"]]}) == {}  # the split's size unknown: no rule
 
@@ -165,6 +167,7 @@ def test_compare_end_to_end_resumes_and_refuses_another_budget(cli, tmp_path: Pa
     assert [p["alpha"] for p in curve] == [0.0, 0.5, 1.0] and set(curve[0]["ood"]) == {"tgt", "tgt2"}
     table = (out / "compare.md").read_text()
     assert "| full" in table and "| gmixout" in table and "wise-ft (gmixout)" in table and "Oracle" in table
+    assert "The first seed's grids" in table and "One-standard-error rule" in table
     assert (out / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     # cut off before its last run: the same command trains that one alone and keeps the others

@@ -155,6 +155,25 @@ def one_se(state: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return out
 
 
+def first_seed_grids(state: dict[str, Any]) -> dict[str, list[tuple[float, float | None, float | None]]]:
+    """Per row, every grid value at the first seed: (value, held-out ID %, OOD mean %); None for a diverged run."""
+    seed, out = state["plan"]["seeds"][0], {}
+    for label in state["selected"]:
+        runs = sorted((r for r in state["runs"] if r["label"] == label and r["seed"] == seed), key=lambda r: r["value"])
+        out[label] = [(r["value"], None, None) if r.get("diverged") else
+                      (r["value"], *(100.0 * _metrics(r, _id_test(state))[k] for k in ("id", "ood_mean")))
+                      for r in runs]
+    return out
+
+
+def _grid_cell(state: dict[str, Any], label: str, value: float, held: float | None, ood: float | None) -> str:
+    planned = next((r["initial_grid"] for r in state["plan"]["rows"] if r["label"] == label and "initial_grid" in r),
+                   None)
+    text = f"{value:g}: " + ("diverged" if held is None else f"{held:.1f} / {ood:.1f}") + (
+        " (grown)" if planned is not None and value not in planned else "")
+    return f"**{text}**" if state["selected"][label] == value else text
+
+
 def _cell(m: dict[str, float]) -> str:
     return f"{m['mean']:.1f} ± {m['std']:.1f}"
 
@@ -195,6 +214,11 @@ def markdown(state: dict[str, Any], summary: dict[str, dict[str, Any]], domains:
                  if id_test else "")
               + (" Rows of a family (one method's own levers) were chosen among on the same split at the first "
                  "seed; the chosen one ran every seed, the others the first only." if state.get("families") else "")]
+    if grids := first_seed_grids(state):
+        lines += ["", "#### The first seed's grids (held-out ID / OOD mean per value; the kept one in bold)", "",
+                  "| method | grid |", "|---|---|"]
+        lines += [f"| {k} | " + ", ".join(_grid_cell(state, k, *point) for point in points) + " |"
+                  for k, points in grids.items()]
     orc = oracle(state)
     if orc:
         lines += ["", "#### Oracle (selected on the target domains, first seed only: headroom, not a result)", "",
