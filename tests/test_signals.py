@@ -135,3 +135,26 @@ def test_a_killed_loader_worker_checkpoints_the_last_step_and_resumes_bit_identi
     assert "num_workers: 1" in (run / "config.yaml").read_text()
     ours, whole = load_file(run / "model.safetensors"), load(model_bytes)  # the metadata holds the config
     assert ours.keys() == whole.keys() and all(torch.equal(ours[k], whole[k]) for k in ours)
+
+
+def test_worker_deaths_stay_held_between_epochs_and_torchs_handler_comes_back_after_training() -> None:
+    import signal
+
+    from gmixout_cli.utils.signals import worker_deaths_between_steps
+
+    def torch_like(signum: int, frame: object) -> None:  # what the loader's first iter installs
+        raise RuntimeError("DataLoader worker (pid(s) 1) exited unexpectedly")
+
+    before = signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    try:
+        with worker_deaths_between_steps():  # the training loop
+            signal.signal(signal.SIGCHLD, torch_like)  # the first epoch's iter(loader)
+            with worker_deaths_between_steps():  # its batches
+                assert signal.getsignal(signal.SIGCHLD) is signal.SIG_DFL
+            assert signal.getsignal(signal.SIGCHLD) is signal.SIG_DFL  # between epochs: still held
+            with worker_deaths_between_steps():
+                pass
+            assert signal.getsignal(signal.SIGCHLD) is signal.SIG_DFL
+        assert signal.getsignal(signal.SIGCHLD) is torch_like  # evaluation gets torch's handler back
+    finally:
+        signal.signal(signal.SIGCHLD, before)

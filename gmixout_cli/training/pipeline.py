@@ -186,7 +186,7 @@ def train(cfg: Config, run_dir: Path, console: Console, run: Prepared, stop: Sto
                            f"`{dist.launch} --resume {run_dir}`", stop.exit_code)
 
     with StepLogger(run_dir, console, run.total_steps, trainer.step, t.log_every, t.batch_size,
-                    t.tensorboard and dist.main, record=dist.main) as log:
+                    t.tensorboard and dist.main, record=dist.main) as log, worker_deaths_between_steps():
         try:
             while trainer.step < run.total_steps:
                 run.sampler.set_epoch(progress["epoch"], progress["batch"])

@@ -90,6 +90,10 @@ def _exit_quietly(signum: int, frame: object) -> None:
     os._exit(0)
 
 
+# The SIGCHLD handler each open worker_deaths_between_steps block found, outermost first.
+_found_handlers: list[object] = []
+
+
 @contextlib.contextmanager
 def worker_deaths_between_steps() -> Iterator[None]:
     """While training: a loader worker that dies (out of memory, a stray kill) is noticed at the next fetch.
@@ -97,16 +101,22 @@ def worker_deaths_between_steps() -> Iterator[None]:
     torch's SIGCHLD handler raises in the main process at whatever line it is running when a worker is killed,
     mid-step too, where the model holds half an update and no checkpoint of it can be written. Without it the
     loader still notices the dead worker (it polls its workers' liveness while it waits for a batch), between
-    steps, where the last step can be checkpointed. The handler is back once training ends.
+    steps, where the last step can be checkpointed. The handler is back once the outermost block ends: blocks
+    nest (the whole training loop, and each epoch's batches after the loader's first `iter` installed torch's
+    handler), so a worker killed between two epochs is noticed at the next fetch too.
     """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    _found_handlers.append(signal.signal(signal.SIGCHLD, signal.SIG_DFL))
     try:
         yield
     finally:
-        signal.signal(signal.SIGCHLD, previous)
+        found = _found_handlers.pop()
+        if not _found_handlers:
+            signal.signal(signal.SIGCHLD, found)  # type: ignore[arg-type]
+        elif found not in (signal.SIG_DFL, None) and _found_handlers[0] in (signal.SIG_DFL, None):
+            _found_handlers[0] = found  # torch's, installed inside the enclosing block: back when that one ends
 
 
 def is_worker_loss(exc: BaseException) -> bool:
