@@ -138,20 +138,19 @@ def one_se(state: dict[str, Any]) -> dict[str, dict[str, Any]]:
     choice)."""
     seed, keys = state["plan"]["seeds"][0], {r["label"]: r["key"] for r in state["plan"]["rows"]}
     out = {}
-    for label, chosen in state["selected"].items():
-        runs = {r["value"]: r for r in state["runs"] if r["label"] == label and r["seed"] == seed
-                and not r.get("diverged")}
-        if not keys.get(label, "").endswith("lr") or chosen not in runs:
+    for label, points in first_seed_grids(state).items():
+        scores = {v: (held, ood) for v, held, ood in points if held is not None}
+        chosen = state["selected"][label]
+        if not keys.get(label, "").endswith("lr") or chosen not in scores:
             continue
-        scores = {v: 100.0 * _metrics(r, _id_test(state))["id"] for v, r in runs.items()}
-        se = held_out_se(max(scores.values()), list(runs.values()))
+        best = max(held for held, _ in scores.values())
+        se = held_out_se(best, [r for r in state["runs"] if r["label"] == label and r["seed"] == seed])
         if se is None:
             continue
-        value = min(v for v, score in scores.items() if score >= max(scores.values()) - se)
-        pick, held = (_metrics(runs[v], _id_test(state)) for v in (value, chosen))
-        out[label] = {"value": value, "selected": chosen, "se": se, "id": 100.0 * pick["id"],
-                      "ood_mean": 100.0 * pick["ood_mean"], "selected_id": 100.0 * held["id"],
-                      "selected_ood_mean": 100.0 * held["ood_mean"]}
+        value = min(v for v, (held, _) in scores.items() if held >= best - se)
+        out[label] = {"value": value, "selected": chosen, "se": se, "id": scores[value][0],
+                      "ood_mean": scores[value][1], "selected_id": scores[chosen][0],
+                      "selected_ood_mean": scores[chosen][1]}
     return out
 
 
@@ -166,12 +165,10 @@ def first_seed_grids(state: dict[str, Any]) -> dict[str, list[tuple[float, float
     return out
 
 
-def _grid_cell(state: dict[str, Any], label: str, value: float, held: float | None, ood: float | None) -> str:
-    planned = next((r["initial_grid"] for r in state["plan"]["rows"] if r["label"] == label and "initial_grid" in r),
-                   None)
+def _grid_cell(value: float, held: float | None, ood: float | None, chosen: float, planned: list[float] | None) -> str:
     text = f"{value:g}: " + ("diverged" if held is None else f"{held:.1f} / {ood:.1f}") + (
         " (grown)" if planned is not None and value not in planned else "")
-    return f"**{text}**" if state["selected"][label] == value else text
+    return f"**{text}**" if value == chosen else text
 
 
 def _cell(m: dict[str, float]) -> str:
@@ -217,8 +214,9 @@ def markdown(state: dict[str, Any], summary: dict[str, dict[str, Any]], domains:
     if grids := first_seed_grids(state):
         lines += ["", "#### The first seed's grids (held-out ID / OOD mean per value; the kept one in bold)", "",
                   "| method | grid |", "|---|---|"]
-        lines += [f"| {k} | " + ", ".join(_grid_cell(state, k, *point) for point in points) + " |"
-                  for k, points in grids.items()]
+        planned = {r["label"]: r.get("initial_grid") for r in state["plan"]["rows"]}
+        lines += [f"| {k} | " + ", ".join(_grid_cell(*point, state["selected"][k], planned.get(k)) for point in points)
+                  + " |" for k, points in grids.items()]
     orc = oracle(state)
     if orc:
         lines += ["", "#### Oracle (selected on the target domains, first seed only: headroom, not a result)", "",
