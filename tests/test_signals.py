@@ -158,3 +158,49 @@ def test_worker_deaths_stay_held_between_epochs_and_torchs_handler_comes_back_af
         assert signal.getsignal(signal.SIGCHLD) is torch_like  # evaluation gets torch's handler back
     finally:
         signal.signal(signal.SIGCHLD, before)
+
+
+class _FakeWorker:
+    def __init__(self, pid: int, alive_checks: int) -> None:
+        self.pid, self.alive_checks = pid, alive_checks
+
+    def is_alive(self) -> bool:  # alive for a few polls, as a killed worker is until the kernel reaps it
+        self.alive_checks -= 1
+        return self.alive_checks >= 0
+
+
+class _FakeLoaderIter:
+    """torch's multi-process loader iterator as the main process sees it when a batch fails in transit."""
+
+    def __init__(self, workers: list[_FakeWorker], error: BaseException) -> None:
+        self._workers, self.error, self.sent = workers, error, 0
+
+    def __iter__(self) -> _FakeLoaderIter:
+        return self
+
+    def __next__(self) -> int:
+        self.sent += 1
+        if self.sent == 3:
+            raise self.error
+        return self.sent
+
+
+def test_a_batch_lost_in_transit_with_its_worker_is_a_worker_loss_and_other_errors_pass_unchanged() -> None:
+    from gmixout_cli.utils.signals import is_worker_loss, worker_losses_named
+
+    reset = ConnectionResetError(104, "Connection reset by peer")  # the fd of a batch its killed worker served
+    got = []
+    with pytest.raises(RuntimeError) as lost:
+        for batch in worker_losses_named(_FakeLoaderIter([_FakeWorker(41, 100), _FakeWorker(42, 3)], reset)):
+            got.append(batch)
+    assert got == [1, 2] and is_worker_loss(lost.value) and "(pid(s) 42)" in str(lost.value)
+    assert lost.value.__cause__ is reset
+
+    # every worker alive (a dataset's own OSError, re-raised by torch): passed on as it is, after a short look
+    own = OSError("disk read error")
+    with pytest.raises(OSError) as passed:
+        list(worker_losses_named(_FakeLoaderIter([_FakeWorker(41, 10**6)], own), wait_s=0.2))
+    assert passed.value is own
+    with pytest.raises(EOFError):  # no workers at all (num_workers=0): nothing to blame
+        list(worker_losses_named(_FakeLoaderIter([], EOFError()), wait_s=0.2))
+    assert list(worker_losses_named(range(3))) == [0, 1, 2]

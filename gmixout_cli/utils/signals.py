@@ -17,8 +17,12 @@ import contextlib
 import os
 import signal
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import TypeVar
+
+T = TypeVar("T")
 
 STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
 
@@ -123,3 +127,36 @@ def is_worker_loss(exc: BaseException) -> bool:
     """Whether torch raised this because a DataLoader worker died ("DataLoader worker (pid(s) 123) exited
     unexpectedly", "... is killed by signal: Killed.")."""
     return isinstance(exc, RuntimeError) and "DataLoader worker" in str(exc)
+
+
+def worker_losses_named(batches: Iterable[T], wait_s: float = 3.0) -> Iterator[T]:
+    """The batches; a batch lost in transit with the worker that made it raises torch's own worker-loss error.
+
+    A batch's tensors reach the main process as file descriptors that the worker which made them serves: a worker
+    killed after queueing a batch fails that transfer (connection reset or refused) a moment before torch's liveness
+    poll can see it gone, and torch passes the transfer error on as it is. Whether a worker is gone decides: an
+    error from a loader whose workers all live (a dataset's own OSError) is passed on unchanged.
+    """
+    it = iter(batches)
+    while True:
+        try:
+            batch = next(it)
+        except StopIteration:
+            return
+        except (OSError, EOFError) as exc:
+            gone = _exited_workers(it, wait_s)
+            if not gone:
+                raise
+            raise RuntimeError(f"DataLoader worker (pid(s) {', '.join(gone)}) exited unexpectedly") from exc
+        yield batch
+
+
+def _exited_workers(it: object, wait_s: float) -> list[str]:
+    """The pids of the loader iterator's workers that have exited, waiting up to wait_s for an exit to show."""
+    workers = getattr(it, "_workers", ())  # torch's liveness poll reads the same list
+    deadline = time.monotonic() + wait_s
+    while True:
+        gone = [str(w.pid) for w in workers if not w.is_alive()]
+        if gone or not workers or time.monotonic() > deadline:
+            return gone
+        time.sleep(0.05)
