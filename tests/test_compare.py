@@ -275,10 +275,12 @@ def test_a_family_runs_the_later_seeds_with_its_member_chosen_on_held_out(tmp_pa
 
     root = write_domains(tmp_path / "data", per_class=4)
     plan = build_plan(None, [f"data.root={root / 'src'}", *TINY[2:], "model.name=timm:test_efficientnet"],
-                      ["full"], ["full_b:method.name=full train.weight_decay=0.01"], {}, [0, 1], [], [0.0, 1.0], 0,
-                      None, {"full": ["full", "full_b"]})
+                      ["full"], ["full_b:method.name=full train.weight_decay=0.01"], {}, [0, 1], ["full"], [0.0, 1.0],
+                      0, None, {"full": ["full", "full_b"]})
     comparison = Comparison(plan, tmp_path / "out", Console(file=open(tmp_path / "log", "w")), lambda s: None)
     trained: list[tuple[str, int]] = []
+    interpolated: list[tuple[str, int]] = []
+    comparison.wise_curve = lambda row, seed: interpolated.append((row.label, seed))  # type: ignore[method-assign]
 
     def train(row, key):  # noqa: ANN001 - full_b is better on held-out and worse out of domain
         trained.append((key.label, key.seed))
@@ -292,6 +294,8 @@ def test_a_family_runs_the_later_seeds_with_its_member_chosen_on_held_out(tmp_pa
     state = comparison.run()
     assert state["families"] == {"full": {"members": ["full", "full_b"], "chosen": "full_b"}}
     assert [t for t in trained if t[1] == 1] == [("full_b", 1)]  # the unchosen member runs the first seed only
+    # WiSE-FT asked for the family's first member follows the member chosen, as the runs do
+    assert interpolated == [("full", 0), ("full_b", 0), ("full_b", 1)]
     summary = summarise(state)
     assert summary["full_b"]["family"] == "chosen for full" and summary["full"]["family"] == "full: not chosen"
     table = markdown(state, summary, ["tgt"], "t")

@@ -50,7 +50,8 @@ def compare(
     max_extensions: int = typer.Option(3, "--max-extensions", min=0, help="How often a grid may grow past an "
                                        "edge where its best value lies."),
     wise: str = typer.Option(None, "--wise", help="Rows whose kept runs get a WiSE-FT curve (comma-separated; "
-                             "empty for none). Default: lpft and gmixout, where they are rows.", show_default=False),
+                             "empty for none; on a --family member, WiSE-FT follows the member the family "
+                             "chooses). Default: lpft and gmixout, where they are rows.", show_default=False),
     alphas: str = typer.Option("0,0.25,0.5,0.75,1", "--alphas", help="WiSE-FT mixing weights."),
     id_test: str = typer.Option(None, "--id-test", help="Sibling domains drawn from the training distribution "
                                 "(e.g. a clean test set beside corrupted copies): reported as in-distribution "

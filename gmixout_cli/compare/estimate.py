@@ -121,7 +121,7 @@ def estimate(plan: Plan, steps_per_run: int, pending: dict[str, int],
         t = timings[cfg.method.name]
         per_image = t.decode_s + t.forward_s
         seconds = pending[row.label] * (steps_per_run * t.step_s + checked * t.decode_s + scored * per_image)
-        if row.label in plan.wise:
+        if plan.gets_wise(row.label):
             seconds += len(plan.seeds) * (len(plan.alphas) - 1) * evaluated * per_image
         out[row.label] = seconds
     return out

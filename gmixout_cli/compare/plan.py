@@ -76,6 +76,12 @@ class Plan:
     def row(self, label: str) -> Row:
         return next(r for r in self.rows if r.label == label)
 
+    def gets_wise(self, label: str) -> bool:
+        """Whether a row's kept runs get WiSE-FT curves: a --wise row, or a member of its family (the member chosen
+        on held-out data stands for the method, so WiSE-FT on the method follows it to every seed)."""
+        return label in self.wise or any(label in members and not set(members).isdisjoint(self.wise)
+                                         for members in self.families.values())
+
     def config(self, row: Row, value: float, seed: int) -> Config:
         """The resolved config of one run."""
         return self.load(row.label, [*row.overrides, f"{row.key}={value!r}", f"train.seed={seed}"])

@@ -97,13 +97,13 @@ class Comparison:
                 for value in list(self.grids[row.label]):
                     self.train(row, RunKey(row.label, value, self.plan.seeds[0]))
                 self.select(row)
-                if row.label in self.plan.wise:
+                if self.plan.gets_wise(row.label):
                     self.wise_curve(row, self.plan.seeds[0])
             self.choose_families()
             for seed in self.plan.seeds[1:]:  # phase 2: the other seeds at the kept value
                 for row in [r for r in self.plan.rows if self.runs_every_seed(r.label)]:
                     self.train(row, RunKey(row.label, self.selected[row.label], seed))
-                    if row.label in self.plan.wise:
+                    if self.plan.gets_wise(row.label):
                         self.wise_curve(row, seed)
         state = self.state()
         self.report(state)
