@@ -31,7 +31,6 @@ from gmixout_cli.methods.registry import method_model_config
 from gmixout_cli.models import build_model
 from gmixout_cli.training import input_size, make_trainer
 from gmixout_cli.utils.memory import resolve_device
-from gmixout_cli.utils.signals import worker_losses_named
 
 
 @dataclass
@@ -54,7 +53,7 @@ def time_row(cfg: Config, steps: int = 4) -> Timing:
     train_tf = build_transform(size, built.mean, built.std, True, cfg.data.hflip, cfg.data.crop_scale)
     loader, _ = make_train_loader(data.train, train_tf, cfg.train.batch_size, cfg.data.num_workers,
                                   cfg.train.seed, drop_last=len(data.train) > cfg.train.batch_size)
-    batches = worker_losses_named(loader)
+    batches = iter(loader)
     trainer.train_step(*next(batches))  # warm-up: worker start, allocator, optimizer state
     t0 = time.perf_counter()
     timed = 0

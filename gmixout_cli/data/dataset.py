@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -15,7 +16,7 @@ from gmixout_cli.data.folders import Item
 from gmixout_cli.data.transforms import to_rgb
 from gmixout_cli.errors import UserError
 from gmixout_cli.utils.locks import close_inherited_locks
-from gmixout_cli.utils.signals import worker_stop_signals
+from gmixout_cli.utils.signals import worker_losses_named, worker_stop_signals
 
 
 class ImageReadError(UserError):
@@ -85,6 +86,15 @@ def init_worker(worker_id: int) -> None:
     random.seed(seed)
 
 
+
+class Loader(DataLoader):
+    """A DataLoader whose iteration reports a batch lost in transit with its killed worker as the worker loss it is
+    (`worker_losses_named`), wherever its batches are read."""
+
+    def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
+        return worker_losses_named(super().__iter__())  # eager: the workers start (and torch's handler) here
+
+
 def make_loader(
     items: list[Item],
     transform: Callable,
@@ -103,7 +113,7 @@ def make_loader(
         raise ValueError("make_loader needs at least one item")
     generator = torch.Generator()
     generator.manual_seed(seed)
-    return DataLoader(
+    return Loader(
         ImageListDataset(items, transform),
         batch_size=batch_size,
         shuffle=shuffle,

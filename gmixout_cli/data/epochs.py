@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from gmixout_cli.data.dataset import ImageListDataset, init_worker
+from gmixout_cli.data.dataset import ImageListDataset, Loader, init_worker
 from gmixout_cli.data.folders import Item
 
 
@@ -63,7 +63,7 @@ def make_train_loader(items: list[Item], transform: Callable, batch_size: int, n
     """The training loader and its batch sampler (call `sampler.set_epoch` before each epoch)."""
     sampler = EpochBatches(len(items), batch_size, seed, drop_last, shard)
     # persistent workers: started once per run, not once per epoch (no restart cost, one start-up window)
-    loader = DataLoader(SeededSamples(ImageListDataset(items, transform)), batch_sampler=sampler,
+    loader = Loader(SeededSamples(ImageListDataset(items, transform)), batch_sampler=sampler,
                         num_workers=num_workers, pin_memory=torch.cuda.is_available(),
                         worker_init_fn=init_worker if num_workers else None, persistent_workers=num_workers > 0)
     return loader, sampler

@@ -9,7 +9,6 @@ import torch
 from torch import nn
 
 from gmixout_cli.data import DomainData, Item, load_eval_domain, make_loader, verify_images
-from gmixout_cli.utils.signals import worker_losses_named
 
 
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
@@ -24,7 +23,7 @@ def top1(model: nn.Module, loader: Iterable, device: torch.device, precision: st
     """Fraction of correctly classified images."""
     model.eval()
     correct = total = 0
-    for x, y in worker_losses_named(loader):
+    for x, y in loader:
         with autocast(device, precision):
             logits = model(x.to(device, non_blocking=True))
         correct += (logits.argmax(1).cpu() == y).sum().item()

@@ -14,8 +14,6 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-from gmixout_cli.utils.signals import worker_losses_named
-
 L2_GRID = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 """Penalty on the summed squared weights, added to the mean cross-entropy (sklearn's C = 1 / (2 N l2))."""
 
@@ -34,7 +32,7 @@ class ProbeFit:
 def extract_features(features_fn, loader: DataLoader, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Features (what the head sees) and labels of a whole loader, on the CPU."""
     feats, labels = [], []
-    for x, y in worker_losses_named(loader):
+    for x, y in loader:
         feats.append(features_fn(x.to(device)).float().cpu())
         labels.append(y)
     return torch.cat(feats), torch.cat(labels)

@@ -51,14 +51,7 @@ from gmixout_cli.training.steplog import StepLogger
 from gmixout_cli.utils.environment import environment
 from gmixout_cli.utils.io import save_safetensors, write_json
 from gmixout_cli.utils.memory import peak_memory_bytes, resolve_device
-from gmixout_cli.utils.signals import (
-    StopFlag,
-    StopNow,
-    is_worker_loss,
-    stop_on_signals,
-    worker_deaths_between_steps,
-    worker_losses_named,
-)
+from gmixout_cli.utils.signals import StopFlag, StopNow, is_worker_loss, stop_on_signals, worker_deaths_between_steps
 
 
 @dataclass
@@ -263,7 +256,7 @@ def _batches(loader: DataLoader, stop: StopFlag) -> Iterator[Any]:
         # SIGCHLD handler, which the block below sets aside
         batches = iter(loader)
         with worker_deaths_between_steps():
-            yield from worker_losses_named(batches)
+            yield from batches
     except RuntimeError as exc:
         if not is_worker_loss(exc):
             raise
