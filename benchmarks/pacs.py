@@ -53,10 +53,12 @@ GRIDS = ("full=1e-4,3e-4,1e-3", "lp=3e-3,1e-2,3e-2", "lpft=1e-4,3e-4,1e-3", "lor
 # GMixout's episode levers (`--levers`), added to its family and chosen with the mask level on held-out data at
 # the first seed: the anchor EMA over the paper's stable range, AdamW moments kept across episodes (a fresh
 # episode's first step then is not a full-lr sign step on every kept entry), and the episode length on both
-# sides of the default 20 steps: 10 episodes of 60 steps, 100 of 6 (nearer Mixout's fresh mask every step).
+# sides of the default 20 steps: 10 episodes of 60 steps, 100 of 6 (nearer Mixout's fresh mask every step); and
+# biases and BatchNorm's affine parameters trained densely, as Mixout and full fine-tuning train them.
 LEVERS = (*ANCHOR_EMA_ROWS, "gmixout_keep_moments:method.name=gmixout method.reset_moments=false",
           "gmixout_episodes10:method.name=gmixout method.episodes=10",
-          "gmixout_episodes100:method.name=gmixout method.episodes=100")
+          "gmixout_episodes100:method.name=gmixout method.episodes=100",
+          "gmixout_bias_norm:method.name=gmixout method.train_bias_norm=true")
 LEVER_GRIDS = tuple(f"{v.partition(':')[0]}=1e-4,3e-4,1e-3" for v in LEVERS)
 
 
@@ -221,7 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--variants", action="append", default=None, help=f"extra rows (default: {VARIANTS})")
     ap.add_argument("--grids", action="append", default=None, help=f"'ROW=V1,V2,V3' (default: {GRIDS})")
     ap.add_argument("--levers", action="store_true",
-                    help="also GMixout's episode levers (anchor EMA 0.3 / 0.7, moments kept, 10 or 100 episodes) in "
+                    help="also GMixout's levers (anchor EMA 0.3 / 0.7, moments kept, 10 or 100 episodes, biases and norms "
+                         "trained) in "
                          "its family, chosen on held-out data; finished runs are reused: this adds their seed-0 grids")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--steps", type=int, default=600, help="optimizer steps per run (GMixout: 30 episodes)")
