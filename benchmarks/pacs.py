@@ -5,6 +5,7 @@
     nohup python -m benchmarks.pacs --data .pacs112 --sources art_painting,cartoon,photo,sketch &
     python -m benchmarks.pacs --data .pacs112 --sources ... --publish  # meanwhile: the runs so far, to commit
     python -m benchmarks.pacs --report                        # the pooled table from the committed sources
+    python -m benchmarks.pacs --data .pacs112 --levers        # GMixout's levers in its family: *_levers.* reports
 
 Each source is one `gmixout compare` command (printed, then run in this process): the rows below, one
 shared budget (`--steps` optimizer steps at `--image-size`, so GMixout's 30 episodes last steps/30 steps
@@ -78,9 +79,15 @@ def command(args: argparse.Namespace, source: str) -> list[str]:
     return cmd + lever_families(args.methods, args.variants) + (["--dry-run"] if args.dry_run else [])
 
 
+def source_stem(args: argparse.Namespace, source: str) -> Path:
+    """Where a source's report goes: the levers protocol (GMixout's family grown by its levers) reports beside
+    the headline, never over it, so the pooled table never mixes the two protocols across sources."""
+    return args.out / f"pacs_{args.backbone}_{source}{'_levers' if args.levers else ''}"
+
+
 def publish(args: argparse.Namespace, source: str) -> None:
     """The source's report so far (its JSON says which runs finished) and its runs' small files."""
-    folder, stem = args.work / f"{args.backbone}-{source}", args.out / f"pacs_{args.backbone}_{source}"
+    folder, stem = args.work / f"{args.backbone}-{source}", source_stem(args, source)
     if args.dry_run or not (folder / "compare.json").is_file():
         return
     argv = [a for a in args.argv if a != "--publish"]
@@ -92,8 +99,9 @@ def publish(args: argparse.Namespace, source: str) -> None:
 
 
 def run_source(args: argparse.Namespace, source: str) -> None:
-    folder, stem = args.work / f"{args.backbone}-{source}", args.out / f"pacs_{args.backbone}_{source}"
-    restore_runs(folder, stem)  # runs committed by an earlier session on another machine count as done
+    folder = args.work / f"{args.backbone}-{source}"
+    for stem in {source_stem(args, source), args.out / f"pacs_{args.backbone}_{source}"}:
+        restore_runs(folder, stem)  # runs committed by an earlier session on another machine count as done
     try:
         run_gmixout(command(args, source))
     finally:  # a stopped comparison publishes what it has, so the next session continues
@@ -177,14 +185,14 @@ def pooled_curves(reports: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
 
 def write_pooled(args: argparse.Namespace) -> None:
     reports = {s: json.loads(p.read_text()) for s in SOURCES
-               if (p := args.out / f"pacs_{args.backbone}_{s}.json").is_file()}
+               if (p := source_stem(args, s).with_suffix(".json")).is_file()}
     if not reports:
-        raise SystemExit(f"pacs: no per-source report for {args.backbone} in {args.out}")
+        raise SystemExit(f"pacs: no per-source report for {args.backbone}{' --levers' * args.levers} in {args.out}")
     if stale := [s for s, r in reports.items() if "selected" not in r]:
         raise SystemExit(f"pacs: pacs_{args.backbone}_{{{','.join(stale)}}}.json are not `gmixout compare` reports: "
                          "move them aside (earlier harnesses' files are named pacs_earlier_*)")
     table, rule = pooled(reports), pooled_one_se(reports)
-    stem = args.out / f"pacs_{args.backbone}_pooled"
+    stem = args.out / f"pacs_{args.backbone}{'_levers' if args.levers else ''}_pooled"
     write_json(stem.with_suffix(".json"), {"benchmark": "pacs_pooled", "backbone": args.backbone,
                                            "sources": sorted(reports), "git_commit": git_head(),
                                            "source_commits": {s: r.get("git_commit") for s, r in reports.items()},
@@ -224,8 +232,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--grids", action="append", default=None, help=f"'ROW=V1,V2,V3' (default: {GRIDS})")
     ap.add_argument("--levers", action="store_true",
                     help="also GMixout's levers (anchor EMA 0.3 / 0.7, moments kept, 10 or 100 episodes, biases and norms "
-                         "trained) in "
-                         "its family, chosen on held-out data; finished runs are reused: this adds their seed-0 grids")
+                         "trained) in its family, chosen on held-out data; finished runs are reused: this adds their "
+                         "seed-0 grids. Reports go to pacs_<backbone>_<source>_levers.* and the pooled one to "
+                         "pacs_<backbone>_levers_pooled.*, beside the headline's")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--steps", type=int, default=600, help="optimizer steps per run (GMixout: 30 episodes)")
     ap.add_argument("--image-size", type=int, default=96)

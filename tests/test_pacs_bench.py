@@ -33,7 +33,7 @@ def _args(tmp_path: Path, variants: list[str], grids: list[str], dry_run: bool) 
     """benchmarks.pacs's parsed arguments at the benchmark's budget."""
     return argparse.Namespace(work=tmp_path / "w", backbone="efficientnet_lite0", data=tmp_path / "pacs",
                               methods=pacs.METHODS, seeds="0,1,2", image_size=96, steps=600, workers=2,
-                              variants=variants, grids=grids, dry_run=dry_run)
+                              variants=variants, grids=grids, dry_run=dry_run, levers=False)
 
 
 def test_each_source_is_one_compare_command_with_the_same_budget(tmp_path: Path) -> None:
@@ -56,7 +56,7 @@ def test_levers_join_gmixouts_family_with_valid_fields_and_their_own_grids(tmp_p
     cmd = pacs.command(ns, "sketch")
     members = cmd[cmd.index("--family") + 1].partition("=")[2].split(",")
     assert members == ["gmixout", "gmixout_filter", "gmixout_lam0.3", "gmixout_lam0.7", "gmixout_keep_moments",
-                       "gmixout_episodes10", "gmixout_episodes100"]
+                       "gmixout_episodes10", "gmixout_episodes100", "gmixout_bias_norm"]
     assert "gmixout_keep_moments=1e-4,3e-4,1e-3" in cmd and cmd.count("--grid") == len(pacs.GRIDS) + len(pacs.LEVERS)
     for variant in pacs.LEVERS:  # every lever is a field GMixout reads, with a value it accepts
         cfg = build_config(parse_overrides(variant.partition(":")[2].split()))
@@ -132,6 +132,10 @@ def test_pooled_family_counts_each_sources_chosen_member_and_drops_diverged_seed
     assert rule["gmixout"]["ood_mean"] == pytest.approx(70.0)
     assert rule["full"]["selected_ood_mean"] == pytest.approx(50.0)
     assert (tmp_path / "pacs_efficientnet_lite0_pooled.png").stat().st_size > 0
+    (tmp_path / "pacs_efficientnet_lite0_sketch_levers.json").write_text(json.dumps(reports["cartoon"]))
+    assert pacs.main(["--report", "--levers", "--out", str(tmp_path)]) == 0  # the levers' reports, pooled apart
+    levers = json.loads((tmp_path / "pacs_efficientnet_lite0_levers_pooled.json").read_text())
+    assert levers["sources"] == ["sketch"] and levers["rows"]["gmixout"]["ood_mean"] == pytest.approx(80.0)
 
 
 @pytest.mark.slow
@@ -191,3 +195,9 @@ def test_publish_writes_a_running_sources_report_and_nothing_for_a_source_not_st
     assert report["source"] == "sketch" and report["command"].startswith("python -m benchmarks.pacs --sources")
     assert "--grid" in report["compare_command"] and (out / "pacs_efficientnet_lite0_sketch_runs.tgz").is_file()
     assert not (out / "pacs_efficientnet_lite0_cartoon.json").exists()  # nothing ran there yet
+    headline = (out / "pacs_efficientnet_lite0_sketch.json").read_text()
+    assert pacs.main(["--publish", "--levers", "--sources", "sketch", "--work", str(tmp_path / "work"),
+                      "--out", str(out), "--data", str(tmp_path / "pacs")]) == 0
+    levers = json.loads((out / "pacs_efficientnet_lite0_sketch_levers.json").read_text())
+    assert "gmixout_bias_norm=1e-4,3e-4,1e-3" in levers["compare_command"]  # the levers' own report...
+    assert (out / "pacs_efficientnet_lite0_sketch.json").read_text() == headline  # ...beside the headline's
