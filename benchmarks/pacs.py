@@ -232,8 +232,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--grids", action="append", default=None, help=f"'ROW=V1,V2,V3' (default: {GRIDS})")
     ap.add_argument("--levers", action="store_true",
                     help="also GMixout's levers (anchor EMA 0.3 / 0.7, moments kept, 10 or 100 episodes, biases and "
-                         "norms trained) in its family, chosen on held-out data; finished runs are reused: this adds their "
-                         "seed-0 grids. Reports go to pacs_<backbone>_<source>_levers.* and the pooled one to "
+                         "norms trained) in its family, chosen on held-out data; finished runs are reused: this adds "
+                         "their seed-0 grids. Reports go to pacs_<backbone>_<source>_levers.* and the pooled one to "
                          "pacs_<backbone>_levers_pooled.*, beside the headline's")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--steps", type=int, default=600, help="optimizer steps per run (GMixout: 30 episodes)")
