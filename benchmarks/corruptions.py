@@ -24,6 +24,7 @@ from benchmarks import fmnist_c
 from benchmarks.bench_common import (
     ANCHOR_EMA_ROWS,
     BATCH_STATS_ROW,
+    EPISODES300_ROW,
     FILTER_MASK_ROW,
     ROOT,
     git_head,
@@ -34,7 +35,7 @@ from benchmarks.bench_common import (
 )
 
 METHODS = "full,lp,lpft,lora,mixout,randmask,gmixout"
-VARIANTS = (BATCH_STATS_ROW, FILTER_MASK_ROW, *ANCHOR_EMA_ROWS)
+VARIANTS = (BATCH_STATS_ROW, FILTER_MASK_ROW, *ANCHOR_EMA_ROWS, EPISODES300_ROW)
 
 
 def command(args: argparse.Namespace) -> list[str]:

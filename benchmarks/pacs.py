@@ -29,12 +29,14 @@ from typing import Any
 from benchmarks.bench_common import (
     ANCHOR_EMA_ROWS,
     BATCH_STATS_ROW,
+    EPISODES300_ROW,
     FILTER_MASK_ROW,
     ROOT,
     git_head,
     lever_families,
     publish_compare,
     restore_runs,
+    row_label,
     run_gmixout,
 )
 from gmixout_cli.compare.report import at_selected, one_se, plot, wise_selected
@@ -42,14 +44,14 @@ from gmixout_cli.utils.io import write_json, write_text
 
 SOURCES = ("art_painting", "cartoon", "photo", "sketch")
 METHODS = "full,lp,lpft,lora,mixout,randmask,gmixout"
-VARIANTS = (BATCH_STATS_ROW, FILTER_MASK_ROW)
+VARIANTS = (BATCH_STATS_ROW, FILTER_MASK_ROW, EPISODES300_ROW)
 # Three-point grids centred on what sketch's seed-0 grids chose at this budget, starting from the recipe-centred
 # grids (2026-12-03, commit 82c60a9): full, LP-FT, Mixout, RandMask, GMixout 3e-4; full with batch statistics
 # 1e-3; LoRA 3e-3; the probe's head lr 1e-2; filter masks 1e-4. That saves the runs each grid spent growing.
 # The protocol is unchanged: an edge choice still grows the grid, and the table shows grid and choice.
 GRIDS = ("full=1e-4,3e-4,1e-3", "lp=3e-3,1e-2,3e-2", "lpft=1e-4,3e-4,1e-3", "lora=1e-3,3e-3,1e-2",
          "mixout=1e-4,3e-4,1e-3", "randmask=1e-4,3e-4,1e-3", "gmixout=1e-4,3e-4,1e-3",
-         "full_update_bn=3e-4,1e-3,3e-3", "gmixout_filter=3e-5,1e-4,3e-4")
+         "full_update_bn=3e-4,1e-3,3e-3", "gmixout_filter=3e-5,1e-4,3e-4", "gmixout_episodes300=1e-4,3e-4,1e-3")
 
 # GMixout's episode levers (`--levers`), added to its family and chosen with the mask level on held-out data at
 # the first seed: the anchor EMA over the paper's stable range, AdamW moments kept across episodes (a fresh
@@ -60,7 +62,7 @@ LEVERS = (*ANCHOR_EMA_ROWS, "gmixout_keep_moments:method.name=gmixout method.res
           "gmixout_episodes10:method.name=gmixout method.episodes=10",
           "gmixout_episodes100:method.name=gmixout method.episodes=100",
           "gmixout_bias_norm:method.name=gmixout method.train_bias_norm=true")
-LEVER_GRIDS = tuple(f"{v.partition(':')[0]}=1e-4,3e-4,1e-3" for v in LEVERS)
+LEVER_GRIDS = tuple(f"{row_label(v)}=1e-4,3e-4,1e-3" for v in LEVERS)
 
 
 def command(args: argparse.Namespace, source: str) -> list[str]:
@@ -72,7 +74,7 @@ def command(args: argparse.Namespace, source: str) -> list[str]:
            f"data.num_workers={args.workers}"]
     for v in args.variants:
         cmd += ["--variant", v]
-    rows = {*args.methods.split(","), *(v.partition(":")[0].strip() for v in args.variants)}
+    rows = {*args.methods.split(","), *(row_label(v) for v in args.variants)}
     for g in args.grids:
         if g.partition("=")[0] in rows:
             cmd += ["--grid", g]
