@@ -324,3 +324,17 @@ def test_a_continuing_comparison_counts_later_seeds_already_run_at_the_kept_valu
     (done / "results.json").write_text("{}")
     (later,) = [(row, key) for row, key in comparison.todo() if key.seed == 1]
     assert later[1].value == 3e-4 and comparison.finished(*later)  # not the grid's middle, 1e-4, still to run
+
+
+def test_stale_keys_ignore_machine_and_layout_settings_but_not_results() -> None:
+    from gmixout_cli.compare.plan import stale_keys
+    from gmixout_cli.config.load import build_config, config_to_dict, parse_overrides
+
+    planned = build_config(parse_overrides(["data.root=/here/sketch", "train.lr=3e-4"]))
+    saved = config_to_dict(build_config(parse_overrides(["data.root=/elsewhere/sketch", "train.lr=3e-4",
+                                                         "model.memory_format=contiguous"])))
+    assert stale_keys(saved, planned) == []  # same domain folder; the layout changes float rounding only
+    del saved["model"]["memory_format"]  # a run from before the setting existed
+    assert stale_keys(saved, planned) == []
+    saved["train"]["lr"] = 1e-3
+    assert stale_keys(saved, planned) == ["train.lr"]

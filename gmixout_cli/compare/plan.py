@@ -26,8 +26,9 @@ SHARED_PREFIXES = ("data.", "train.epochs", "train.max_steps", "train.batch_size
 # recipe gives the fine-tuning methods: training a head from zero is not the baseline people compare against.
 ROW_DEFAULTS: dict[str, tuple[str, ...]] = {"lp": ("model.head_init=auto",)}
 # Keys that differ between machines and change no result: a run trained elsewhere still counts (the device too,
-# which a resume, continuing one machine's RNG state, may not switch).
-MACHINE_KEYS = (*RESUME_SETTABLE, "train.device")
+# which a resume, continuing one machine's RNG state, may not switch; the batches' memory layout, which changes
+# float rounding only, so runs from before it was a setting still count).
+MACHINE_KEYS = (*RESUME_SETTABLE, "train.device", "model.memory_format")
 
 
 @dataclass(frozen=True)
