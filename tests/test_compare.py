@@ -336,5 +336,9 @@ def test_stale_keys_ignore_machine_and_layout_settings_but_not_results() -> None
     assert stale_keys(saved, planned) == []  # same domain folder; the layout changes float rounding only
     del saved["model"]["memory_format"]  # a run from before the setting existed
     assert stale_keys(saved, planned) == []
+    del saved["method"]["weight_dtype"]  # a setting added after the run, planned at its default: same behaviour
+    assert stale_keys(saved, planned) == []
+    bf16 = build_config(parse_overrides(["data.root=/here/sketch", "train.lr=3e-4", "method.weight_dtype=bf16"]))
+    assert stale_keys(saved, bf16) == ["method.weight_dtype"]  # ... but not at a value the run never had
     saved["train"]["lr"] = 1e-3
     assert stale_keys(saved, planned) == ["train.lr"]

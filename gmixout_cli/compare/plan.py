@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gmixout_cli.config import Config, config_to_dict, flatten_dict, load_config, parse_overrides
+from gmixout_cli.config import Config, build_config, config_to_dict, flatten_dict, load_config, parse_overrides
 from gmixout_cli.errors import UserError
 from gmixout_cli.methods.registry import method_names, method_spec
 from gmixout_cli.training.checkpoint import RESUME_SETTABLE
@@ -210,11 +210,14 @@ def build_plan(recipe: str | None, shared: list[str], methods: list[str], varian
 
 def stale_keys(saved: dict[str, Any], planned: Config) -> list[str]:
     """Settings of a run folder's config.yaml that differ from the plan (machine-only keys aside; the data by its
-    domain folder's name, so that a comparison's runs still count on a machine that keeps the data elsewhere)."""
+    domain folder's name, so that a comparison's runs still count on a machine that keeps the data elsewhere; a
+    setting added after the run was trained, planned at its default, which keeps the earlier behaviour)."""
     now, old = flatten_dict(config_to_dict(planned)), flatten_dict(saved)
     for flat in (now, old):
         flat["data.root"] = Path(str(flat.get("data.root", ""))).name
-    return [k for k in sorted(set(now) | set(old)) if not k.startswith(MACHINE_KEYS) and now.get(k) != old.get(k)]
+    defaults = flatten_dict(config_to_dict(build_config(parse_overrides([f"method.name={planned.method.name}"]))))
+    return [k for k in sorted(set(now) | set(old)) if not k.startswith(MACHINE_KEYS) and now.get(k) != old.get(k)
+            and not (k not in old and k in defaults and now[k] == defaults[k])]
 
 
 def run_dir(out: Path, row: Row, key: RunKey) -> Path:
