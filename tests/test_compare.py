@@ -181,6 +181,14 @@ def test_compare_end_to_end_resumes_and_refuses_another_budget(cli, tmp_path: Pa
     again = json.loads((out / "compare.json").read_text())
     assert again["selected"] == report["selected"]
 
+    # a run restored without its weights (a report's small files) cannot give a WiSE-FT curve: said, not a traceback
+    wise_run = out / next(r["dir"] for r in again["runs"] if r["label"] == "gmixout" and r["seed"] == 0
+                          and r["value"] == again["selected"]["gmixout"])
+    (wise_run / "wise.json").unlink()
+    (wise_run / "model.safetensors").unlink()
+    code, _, err = cli(*args)
+    assert code == 2 and "not its weights" in err and "Traceback" not in err
+
     code, _, err = cli(*[a.replace("train.epochs=1", "train.epochs=2") for a in args])
     assert code == 2 and "trained with other settings" in err and "train.epochs" in err
 

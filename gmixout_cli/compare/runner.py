@@ -200,6 +200,9 @@ class Comparison:
             if [c["alpha"] for c in curve] == alphas:
                 self.wise[(row.label, seed)] = curve
                 return curve
+        if not (path / "model.safetensors").is_file():  # e.g. a run restored from a report's small files
+            raise UserError(f"{path} has its results but not its weights (model.safetensors), which WiSE-FT on "
+                            f"{row.label} needs: remove that folder and run the same command to train it again")
         self.progress.start_run(f"WiSE-FT {row.label} seed {seed}")
         tuned, meta = load_weights(path / "model.safetensors")
         base = initial_state(path, meta)
