@@ -25,9 +25,9 @@ SHARED_PREFIXES = ("data.", "train.epochs", "train.max_steps", "train.batch_size
 # A linear probe starts from the model's own head (a fitted probe, or CLIP's zero-shot head) whatever head the
 # recipe gives the fine-tuning methods: training a head from zero is not the baseline people compare against.
 ROW_DEFAULTS: dict[str, tuple[str, ...]] = {"lp": ("model.head_init=auto",)}
-# Keys that differ between machines and change no result: a run trained elsewhere still counts (the device too,
-# which a resume, continuing one machine's RNG state, may not switch; the batches' memory layout, which changes
-# float rounding only, so runs from before it was a setting still count).
+# Keys that differ between machines and change results by float rounding only: a run trained elsewhere still
+# counts (the device too, which a resume, continuing one machine's RNG state, may not switch; the batches' memory
+# layout, so runs from before it was a setting still count). Rounding compounds over a run as a seed does.
 MACHINE_KEYS = (*RESUME_SETTABLE, "train.device", "model.memory_format")
 
 
