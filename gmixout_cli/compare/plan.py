@@ -212,12 +212,11 @@ def stale_keys(saved: dict[str, Any], planned: Config) -> list[str]:
     """Settings of a run folder's config.yaml that differ from the plan (machine-only keys aside; the data by its
     domain folder's name, so that a comparison's runs still count on a machine that keeps the data elsewhere; a
     setting added after the run was trained, planned at its default, which keeps the earlier behaviour)."""
-    now, old = flatten_dict(config_to_dict(planned)), flatten_dict(saved)
+    defaults = flatten_dict(config_to_dict(build_config(parse_overrides([f"method.name={planned.method.name}"]))))
+    now, old = flatten_dict(config_to_dict(planned)), {**defaults, **flatten_dict(saved)}
     for flat in (now, old):
         flat["data.root"] = Path(str(flat.get("data.root", ""))).name
-    defaults = flatten_dict(config_to_dict(build_config(parse_overrides([f"method.name={planned.method.name}"]))))
-    return [k for k in sorted(set(now) | set(old)) if not k.startswith(MACHINE_KEYS) and now.get(k) != old.get(k)
-            and not (k not in old and k in defaults and now[k] == defaults[k])]
+    return [k for k in sorted(set(now) | set(old)) if not k.startswith(MACHINE_KEYS) and now.get(k) != old.get(k)]
 
 
 def run_dir(out: Path, row: Row, key: RunKey) -> Path:
