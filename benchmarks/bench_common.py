@@ -81,7 +81,12 @@ ANCHOR_EMA_ROWS = ("gmixout_lam0.3:method.name=gmixout method.lam=0.3",
 # targets, so this row stands alone (its own lr grid, outside GMixout's family, every seed) to be tested out of
 # sample before it could become a default.
 EPISODES300_ROW = "gmixout_episodes300:method.name=gmixout method.episodes=300"
-STANDALONE_ROWS = (EPISODES300_ROW,)
+# GMixout from the linear-probe head, as LP-FT starts full fine-tuning: the paper starts CLIP from its zero-shot
+# head, and the linear probe is an ImageNet backbone's nearest equivalent. The Lite0 recipe chose the zero head on
+# held-out data while the probe's L2 was fixed and weak; with the L2 now chosen on held-out data it is re-tested,
+# standing alone like the row above.
+LP_HEAD_ROW = "gmixout_lp_head:method.name=gmixout model.head_init=linear_probe"
+STANDALONE_ROWS = (EPISODES300_ROW, LP_HEAD_ROW)
 
 
 def row_label(variant: str) -> str:

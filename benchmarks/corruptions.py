@@ -26,6 +26,7 @@ from benchmarks.bench_common import (
     BATCH_STATS_ROW,
     EPISODES300_ROW,
     FILTER_MASK_ROW,
+    LP_HEAD_ROW,
     ROOT,
     git_head,
     lever_families,
@@ -35,7 +36,7 @@ from benchmarks.bench_common import (
 )
 
 METHODS = "full,lp,lpft,lora,mixout,randmask,gmixout"
-VARIANTS = (BATCH_STATS_ROW, FILTER_MASK_ROW, *ANCHOR_EMA_ROWS, EPISODES300_ROW)
+VARIANTS = (BATCH_STATS_ROW, FILTER_MASK_ROW, *ANCHOR_EMA_ROWS, EPISODES300_ROW, LP_HEAD_ROW)
 
 
 def command(args: argparse.Namespace) -> list[str]:
