@@ -28,6 +28,7 @@ from benchmarks.bench_common import (
     FILTER_MASK_ROW,
     LP_HEAD_ROW,
     ROOT,
+    SPARSE_MASK_ROW,
     git_head,
     lever_families,
     publish_compare,
@@ -36,7 +37,7 @@ from benchmarks.bench_common import (
 )
 
 METHODS = "full,lp,lpft,lora,mixout,randmask,gmixout"
-VARIANTS = (BATCH_STATS_ROW, FILTER_MASK_ROW, *ANCHOR_EMA_ROWS, EPISODES300_ROW, LP_HEAD_ROW)
+VARIANTS = (BATCH_STATS_ROW, FILTER_MASK_ROW, *ANCHOR_EMA_ROWS, EPISODES300_ROW, LP_HEAD_ROW, SPARSE_MASK_ROW)
 
 
 def command(args: argparse.Namespace) -> list[str]:

@@ -33,6 +33,7 @@ from benchmarks.bench_common import (
     FILTER_MASK_ROW,
     LP_HEAD_ROW,
     ROOT,
+    SPARSE_MASK_ROW,
     git_head,
     lever_families,
     publish_compare,
@@ -45,7 +46,7 @@ from gmixout_cli.utils.io import write_json, write_text
 
 SOURCES = ("art_painting", "cartoon", "photo", "sketch")
 METHODS = "full,lp,lpft,lora,mixout,randmask,gmixout"
-VARIANTS = (BATCH_STATS_ROW, FILTER_MASK_ROW, EPISODES300_ROW, LP_HEAD_ROW)
+VARIANTS = (BATCH_STATS_ROW, FILTER_MASK_ROW, EPISODES300_ROW, LP_HEAD_ROW, SPARSE_MASK_ROW)
 # Three-point grids centred on what sketch's seed-0 grids chose at this budget, starting from the recipe-centred
 # grids (2026-12-03, commit 82c60a9): full, LP-FT, Mixout, RandMask, GMixout 3e-4; full with batch statistics
 # 1e-3; LoRA 3e-3; the probe's head lr 1e-2; filter masks 1e-4. That saves the runs each grid spent growing.
@@ -53,7 +54,7 @@ VARIANTS = (BATCH_STATS_ROW, FILTER_MASK_ROW, EPISODES300_ROW, LP_HEAD_ROW)
 GRIDS = ("full=1e-4,3e-4,1e-3", "lp=3e-3,1e-2,3e-2", "lpft=1e-4,3e-4,1e-3", "lora=1e-3,3e-3,1e-2",
          "mixout=1e-4,3e-4,1e-3", "randmask=1e-4,3e-4,1e-3", "gmixout=1e-4,3e-4,1e-3",
          "full_update_bn=3e-4,1e-3,3e-3", "gmixout_filter=3e-5,1e-4,3e-4", "gmixout_episodes300=1e-4,3e-4,1e-3",
-         "gmixout_lp_head=1e-4,3e-4,1e-3")
+         "gmixout_lp_head=1e-4,3e-4,1e-3", "gmixout_p0.95=1e-4,3e-4,1e-3")
 
 # GMixout's episode levers (`--levers`), added to its family and chosen with the mask level on held-out data at
 # the first seed: the anchor EMA over the paper's stable range, AdamW moments kept across episodes (a fresh

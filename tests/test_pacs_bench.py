@@ -41,10 +41,11 @@ def test_each_source_is_one_compare_command_with_the_same_budget(tmp_path: Path)
     cmd = pacs.command(ns, "sketch")
     assert cmd[:3] == ["compare", "--data", str(tmp_path / "pacs" / "sketch")]
     assert "train.max_steps=600" in cmd and "data.image_size=96" in cmd and cmd[-1] == "--dry-run"
-    assert cmd.count("--variant") == len(pacs.VARIANTS) == 4 and "--wise" in cmd
+    assert cmd.count("--variant") == len(pacs.VARIANTS) == 5 and "--wise" in cmd
     assert cmd[cmd.index("--family") + 1] == "gmixout=gmixout,gmixout_filter"  # mask levels chosen on held-out
     assert "gmixout_episodes300=1e-4,3e-4,1e-3" in cmd  # a standalone row: its own grid, outside the family
     assert "gmixout_lp_head=1e-4,3e-4,1e-3" in cmd and "model.head_init=linear_probe" in " ".join(cmd)
+    assert "gmixout_p0.95=1e-4,3e-4,1e-3" in cmd and "gmixout=gmixout,gmixout_filter" in cmd  # outside the family
     assert cmd.count("--grid") == len(pacs.GRIDS)  # every row's grid, three points each
     ns.variants = []
     cmd = pacs.command(ns, "sketch")
