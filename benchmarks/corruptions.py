@@ -24,11 +24,9 @@ from benchmarks import fmnist_c
 from benchmarks.bench_common import (
     ANCHOR_EMA_ROWS,
     BATCH_STATS_ROW,
-    EPISODES300_ROW,
     FILTER_MASK_ROW,
-    LP_HEAD_ROW,
     ROOT,
-    SPARSE_MASK_ROW,
+    STANDALONE_ROWS,
     git_head,
     lever_families,
     publish_compare,
@@ -37,7 +35,7 @@ from benchmarks.bench_common import (
 )
 
 METHODS = "full,lp,lpft,lora,mixout,randmask,gmixout"
-VARIANTS = (BATCH_STATS_ROW, FILTER_MASK_ROW, *ANCHOR_EMA_ROWS, EPISODES300_ROW, LP_HEAD_ROW, SPARSE_MASK_ROW)
+VARIANTS = (BATCH_STATS_ROW, FILTER_MASK_ROW, *ANCHOR_EMA_ROWS, *STANDALONE_ROWS)
 
 
 def command(args: argparse.Namespace) -> list[str]:
