@@ -26,6 +26,7 @@ from benchmarks.bench_common import (
     BATCH_STATS_ROW,
     FILTER_MASK_ROW,
     ROOT,
+    SPARSE_MASK_ROWS,
     STANDALONE_ROWS,
     git_head,
     lever_families,
@@ -35,7 +36,7 @@ from benchmarks.bench_common import (
 )
 
 METHODS = "full,lp,lpft,lora,mixout,randmask,gmixout"
-VARIANTS = (BATCH_STATS_ROW, FILTER_MASK_ROW, *ANCHOR_EMA_ROWS, *STANDALONE_ROWS)
+VARIANTS = (BATCH_STATS_ROW, FILTER_MASK_ROW, *ANCHOR_EMA_ROWS, *SPARSE_MASK_ROWS, *STANDALONE_ROWS)
 
 
 def command(args: argparse.Namespace) -> list[str]:
