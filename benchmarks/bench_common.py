@@ -28,11 +28,13 @@ def device_name(device: torch.device) -> str:
 
 
 def git_head() -> str | None:
-    """HEAD's hash, with '-dirty' when tracked files differ from it."""
+    """HEAD's hash, with '-dirty' when tracked files other than the benchmarks' own reports differ from it
+    (a benchmark rewrites benchmarks/results while it runs; that is output, not the code that ran)."""
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                               check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                ":(exclude)benchmarks/results"], cwd=ROOT,
                                capture_output=True, text=True, check=True).stdout.strip()
         return head + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):

@@ -221,3 +221,28 @@ def test_publish_writes_a_running_sources_report_and_nothing_for_a_source_not_st
     levers = json.loads((out / "pacs_efficientnet_lite0_sketch_levers.json").read_text())
     assert "gmixout_bias_norm=1e-4,3e-4,1e-3" in levers["compare_command"]  # the levers' own report...
     assert (out / "pacs_efficientnet_lite0_sketch.json").read_text() == headline  # ...beside the headline's
+
+
+def test_the_commit_is_dirty_for_changed_code_but_not_for_the_benchmarks_own_reports(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import subprocess
+
+    from benchmarks import bench_common
+
+    def git(*args: str) -> None:
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
+                       capture_output=True)
+
+    (tmp_path / "benchmarks" / "results").mkdir(parents=True)
+    (tmp_path / "code.py").write_text("x = 1\n")
+    (tmp_path / "benchmarks" / "results" / "r.json").write_text("{}\n")
+    git("init", "-q")
+    git("add", "-A")
+    git("commit", "-qm", "c")
+    monkeypatch.setattr(bench_common, "ROOT", tmp_path)
+    (tmp_path / "benchmarks" / "results" / "r.json").write_text('{"a": 1}\n')  # a report the run rewrote
+    head = bench_common.git_head()
+    assert head is not None and len(head) == 40
+    (tmp_path / "code.py").write_text("x = 2\n")
+    assert bench_common.git_head() == head + "-dirty"
+
