@@ -17,6 +17,7 @@ import torch
 from gmixout_cli.utils.environment import library_versions
 
 ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"  # every benchmark's reports (output, not code: see git_head)
 # result JSONs name libraries by import name; the distribution's name where it differs
 DISTRIBUTIONS = {"open_clip": "open_clip_torch"}
 
@@ -34,7 +35,7 @@ def git_head() -> str | None:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                               check=True).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
-                                ":(exclude)benchmarks/results"], cwd=ROOT,
+                                f":(exclude){RESULTS.relative_to(ROOT).as_posix()}"], cwd=ROOT,
                                capture_output=True, text=True, check=True).stdout.strip()
         return head + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):

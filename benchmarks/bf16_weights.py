@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from benchmarks.bench_common import ROOT, git_head, publish_compare, restore_runs, run_gmixout
+from benchmarks.bench_common import RESULTS, ROOT, git_head, publish_compare, restore_runs, run_gmixout
 from gmixout_cli.compare.report import at_selected
 from gmixout_cli.utils.io import write_json
 
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "pacs")
     ap.add_argument("--work", type=Path, default=None, help="the comparison's folder (default: runs/bf16_weights/...)")
-    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--dry-run", action="store_true")
     args = ap.parse_args(argv)
     args.work = args.work or ROOT / "runs" / "bf16_weights" / f"{args.backbone}-{args.source}"

@@ -25,6 +25,7 @@ from benchmarks.bench_common import (
     ANCHOR_EMA_ROWS,
     BATCH_STATS_ROW,
     FILTER_MASK_ROW,
+    RESULTS,
     ROOT,
     SPARSE_MASK_ROWS,
     STANDALONE_ROWS,
@@ -62,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--data", type=Path, default=ROOT / "data" / "fmnist_c")
     ap.add_argument("--work", type=Path, default=ROOT / "runs" / "fmnist_c")
-    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--dry-run", action="store_true", help="print the plan and its estimated time")
     args = ap.parse_args(argv)
     args.variants = list(VARIANTS) if args.variants is None else args.variants

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.bench_common import ROOT, provenance
+from benchmarks.bench_common import RESULTS, ROOT, provenance
 
 
 def run_profile(model: str, method: str, batch: int, steps: int, extra: list[str]) -> dict:
@@ -52,7 +52,7 @@ def main() -> None:
         / (full["steady_peak_bytes"] - full["process_baseline_bytes"]),
         "target": "ratio_steady_peak_rss <= 0.6",
     }
-    out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"cpu_rss_{args.model}.json"
+    out = Path(args.out) if args.out else RESULTS / f"cpu_rss_{args.model}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps({k: v for k, v in result.items() if k.startswith("ratio")}, indent=2))

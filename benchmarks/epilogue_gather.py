@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.bench_common import ROOT, provenance
+from benchmarks.bench_common import RESULTS, provenance
 from benchmarks.kernel_bench import ARCHS, shapes, timeit
 from gmixout_cli.kernels import gather_add_, sample_indices
 from gmixout_cli.kernels.masks import keep_threshold
@@ -175,7 +175,7 @@ def main() -> None:
         "torch": torch.__version__, "triton": triton.__version__, "p": args.p, "checks": checks, "records": records,
         "verdict_rule": "adopt in the engine only if fused_best_s < dense_then_gather_s at ViT-B/16 batch 128",
     }
-    out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / "epilogue_gather_cuda.json"
+    out = Path(args.out) if args.out else RESULTS / "epilogue_gather_cuda.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {out}")

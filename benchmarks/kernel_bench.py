@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.bench_common import ROOT, provenance
+from benchmarks.bench_common import RESULTS, provenance
 from gmixout_cli.kernels import masks, sparse_adamw, sparse_ops
 
 # (width, mlp width, blocks) of open_clip's visual towers
@@ -104,7 +104,7 @@ def main() -> None:
         "records": records,
     }
     tag = "cuda" if device.type == "cuda" else "cpu"
-    out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"kernel_bench_{tag}.json"
+    out = Path(args.out) if args.out else RESULTS / f"kernel_bench_{tag}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {out}")

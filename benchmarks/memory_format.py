@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.bench_common import ROOT, next_free, provenance, versions
+from benchmarks.bench_common import RESULTS, next_free, provenance, versions
 from gmixout_cli.config import load_config
 from gmixout_cli.models import build_model
 from gmixout_cli.training import Trainer, make_trainer
@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
                               "records": []}
     date = datetime.date.today().isoformat()
     tag = "cuda" if device.type == "cuda" else "cpu"
-    out = args.out or next_free(ROOT / "benchmarks" / "results" / f"memory_format_{tag}_{date}.json")
+    out = args.out or next_free(RESULTS / f"memory_format_{tag}_{date}.json")
     for model in args.models.split(","):
         for method in args.methods.split(","):
             rec = measure(model, method, args, device)

@@ -16,7 +16,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from benchmarks.bench_common import ROOT, git_head, publish_compare, run_gmixout
+from benchmarks.bench_common import RESULTS, ROOT, git_head, publish_compare, run_gmixout
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--work", type=Path, default=ROOT / "runs" / "norm_stats")
-    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
     commit = git_head()
     cmd = ["compare", "--data", "builtin:digits/mnist", "--recipe", "quickstart", "--methods", "full",

@@ -30,6 +30,7 @@ from benchmarks.bench_common import (
     ANCHOR_EMA_ROWS,
     BATCH_STATS_ROW,
     FILTER_MASK_ROW,
+    RESULTS,
     ROOT,
     SPARSE_MASK_ROWS,
     STANDALONE_ROWS,
@@ -246,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "pacs")
     ap.add_argument("--work", type=Path, default=ROOT / "runs" / "pacs")
-    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--dry-run", action="store_true", help="print each source's plan and estimated time")
     ap.add_argument("--report", action="store_true", help="only the pooled report from the per-source JSONs")
     ap.add_argument("--publish", action="store_true",

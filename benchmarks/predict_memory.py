@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.bench_common import ROOT, provenance, versions
+from benchmarks.bench_common import RESULTS, provenance, versions
 from gmixout_cli.config import load_config
 from gmixout_cli.profiling.predict import measure, predict
 
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     big = [(args.model, args.batch)] if args.model else BIG
     body = validate(args.gpu) if args.mode == "validate" else predictions(big)
     name = f"memory_predictor_{'validation_' + device.type if args.mode == 'validate' else 'predictions'}.json"
-    out = args.out or ROOT / "benchmarks" / "results" / name
+    out = args.out or RESULTS / name
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({**provenance("predict_memory", device, argv), "versions": versions(), **body},
                               indent=1) + "\n")

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.bench_common import ROOT, provenance
+from benchmarks.bench_common import RESULTS, ROOT, provenance
 from gmixout_cli.config import load_config
 from gmixout_cli.utils.memory import current_rss_bytes
 
@@ -122,7 +122,7 @@ def main() -> None:
                           "between_steps_bytes": between, "step_peak_bytes": step_peak,
                           "step_adds_bytes": step_peak - between}
     result["ratio_step_peak"] = result["gmixout"]["step_peak_bytes"] / result["full"]["step_peak_bytes"]
-    path = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"rss_phases_{args.model}.json"
+    path = Path(args.out) if args.out else RESULTS / f"rss_phases_{args.model}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
     for method in extra:
         r = result[method]

@@ -51,7 +51,7 @@ import open_clip
 import torch
 from torch import nn
 
-from benchmarks.bench_common import ROOT, next_free, provenance, versions
+from benchmarks.bench_common import RESULTS, next_free, provenance, versions
 from gmixout_cli.config import build_config
 from gmixout_cli.eval import autocast
 from gmixout_cli.models import BuiltModel
@@ -296,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
         "records": [],
     }
     slug = re.sub(r"[^a-z0-9]+", "_", result["device"].split(" (")[0].lower()).strip("_")
-    out = args.out or next_free(ROOT / "benchmarks" / "results" / f"step_bench_{slug}_{result['date'][:10]}.json")
+    out = args.out or next_free(RESULTS / f"step_bench_{slug}_{result['date'][:10]}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     ckpts = {"both": [False, True], "on": [True], "off": [False]}[args.checkpointing]
     for arch in args.archs.split(","):

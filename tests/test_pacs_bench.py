@@ -240,6 +240,7 @@ def test_the_commit_is_dirty_for_changed_code_but_not_for_the_benchmarks_own_rep
     git("add", "-A")
     git("commit", "-qm", "c")
     monkeypatch.setattr(bench_common, "ROOT", tmp_path)
+    monkeypatch.setattr(bench_common, "RESULTS", tmp_path / "benchmarks" / "results")
     (tmp_path / "benchmarks" / "results" / "r.json").write_text('{"a": 1}\n')  # a report the run rewrote
     head = bench_common.git_head()
     assert head is not None and len(head) == 40
