@@ -41,13 +41,15 @@ def test_each_source_is_one_compare_command_with_the_same_budget(tmp_path: Path)
     cmd = pacs.command(ns, "sketch")
     assert cmd[:3] == ["compare", "--data", str(tmp_path / "pacs" / "sketch")]
     assert "train.max_steps=600" in cmd and "data.image_size=96" in cmd and cmd[-1] == "--dry-run"
-    assert cmd.count("--variant") == len(pacs.VARIANTS) == 6 and "--wise" in cmd
+    assert cmd.count("--variant") == len(pacs.VARIANTS) == 7 and "--wise" in cmd
     # mask levels and sparsities chosen on held-out data
     assert cmd[cmd.index("--family") + 1] == "gmixout=gmixout,gmixout_filter,gmixout_p0.95,gmixout_p0.98"
     assert "gmixout_episodes300=1e-4,3e-4,1e-3" in cmd  # a standalone row: its own grid, outside the family
     assert "gmixout_lp_head=1e-4,3e-4,1e-3" in cmd and "model.head_init=linear_probe" in " ".join(cmd)
     assert "gmixout_p0.95=1e-4,3e-4,1e-3" in cmd and "method.p=0.95" in " ".join(cmd)
     assert "gmixout_p0.98=3e-5,1e-4,3e-4" in cmd  # a step lower: s = 50 moves each kept entry further
+    # two levers together, picked on targets: a standalone row, outside the family
+    assert "gmixout_p0.95_lam0.3=1e-4,3e-4,1e-3" in cmd and "method.p=0.95 method.lam=0.3" in " ".join(cmd)
     assert cmd.count("--grid") == len(pacs.GRIDS)  # every row's grid, three points each
     ns.variants = []
     cmd = pacs.command(ns, "sketch")
@@ -81,6 +83,7 @@ def test_the_corruption_benchmark_chooses_among_gmixouts_levers_and_keeps_standa
     assert cmd[cmd.index("--family") + 1] == ("gmixout=gmixout,gmixout_filter,gmixout_lam0.3,gmixout_lam0.7,"
                                               "gmixout_p0.95,gmixout_p0.98")
     assert "gmixout_episodes300:method.name=gmixout method.episodes=300" in cmd  # a row, not a member
+    assert "gmixout_p0.95_lam0.3:method.name=gmixout method.p=0.95 method.lam=0.3" in cmd
     assert cmd.count("--variant") == len(corruptions.VARIANTS) and cmd[-1] == "--dry-run"
 
 
