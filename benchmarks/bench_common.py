@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import json
 import platform
+import shlex
 import shutil
 import subprocess
 import sys
@@ -49,7 +50,7 @@ def provenance(benchmark: str, device: torch.device, argv: list[str] | None = No
     args = sys.argv[1:] if argv is None else argv
     return {"benchmark": benchmark, "device": device_name(device),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(), "git_commit": git_head(),
-            "command": " ".join(["python", "-m", f"benchmarks.{benchmark}", *args])}
+            "command": shlex.join(["python", "-m", f"benchmarks.{benchmark}", *args])}
 
 
 def next_free(path: Path) -> Path:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import statistics
 import sys
 from pathlib import Path
@@ -87,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.dry_run and (args.work / "compare.json").is_file():
             publish_compare(args.work, stem, {"benchmark": "bf16_weights", "source": args.source,
                                               "backbone": args.backbone, "git_commit": commit,
-                                              "command": " ".join(["python", "-m", "benchmarks.bf16_weights",
+                                              "command": shlex.join(["python", "-m", "benchmarks.bf16_weights",
                                                                    *sys.argv[1:]])}, cmd)
             report = json.loads(stem.with_suffix(".json").read_text())
             report["paired"] = paired(report)

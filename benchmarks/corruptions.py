@@ -17,6 +17,7 @@ continues (finished runs are not trained again).
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from pathlib import Path
 
@@ -79,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.dry_run and (args.work / "compare.json").is_file():
             publish_compare(args.work, stem, {"benchmark": "corruptions", "data": "fmnist_c",
                                               "backbone": args.backbone, "git_commit": commit,
-                                              "command": " ".join(["python", "-m", "benchmarks.corruptions",
+                                              "command": shlex.join(["python", "-m", "benchmarks.corruptions",
                                                                    *sys.argv[1:]])}, cmd)
             print(f"corruptions: wrote {stem}.json, .md, .png, _runs.tgz", flush=True)
     return 0

@@ -51,6 +51,7 @@ import inspect
 import json
 import multiprocessing
 import os
+import shlex
 import shutil
 import sys
 import time
@@ -322,7 +323,7 @@ def build(args: argparse.Namespace, argv: list[str]) -> int:
         "images": sum(counts.values()), "build_seconds": round(seconds, 1), "workers": args.workers,
         "versions": library_versions(), "git_commit": git_head(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-        "command": " ".join(["python", "-m", "benchmarks.fmnist_c", *argv]),
+        "command": shlex.join(["python", "-m", "benchmarks.fmnist_c", *argv]),
     }
     tmp = out / f".{MANIFEST}.tmp"
     tmp.write_text(json.dumps(manifest, indent=2) + "\n")

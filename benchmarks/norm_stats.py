@@ -13,6 +13,7 @@ benchmarks/results/norm_stats_quickstart.{json,md,png} with the commit and the c
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from pathlib import Path
 
@@ -34,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     run_gmixout(cmd)
     stem = args.out / "norm_stats_quickstart"
     publish_compare(args.work, stem, {"benchmark": "norm_stats", "git_commit": commit,
-                                      "command": " ".join(["python", "-m", "benchmarks.norm_stats", *sys.argv[1:]])},
+                                      "command": shlex.join(["python", "-m", "benchmarks.norm_stats", *sys.argv[1:]])},
                     cmd)
     print(f"norm_stats: wrote {stem}.json, .md, .png", flush=True)
     return 0

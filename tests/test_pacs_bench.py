@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 from pathlib import Path
 
 import pytest
@@ -212,10 +213,12 @@ def test_publish_writes_a_running_sources_report_and_nothing_for_a_source_not_st
     (folder / "compare.json").write_text(json.dumps({"runs": [], "selected": {}}))
     out = tmp_path / "results"
     out.mkdir()
-    assert pacs.main(["--publish", "--sources", "sketch,cartoon", "--work", str(tmp_path / "work"),
-                      "--out", str(out), "--data", str(tmp_path / "pacs")]) == 0
+    argv = ["--sources", "sketch,cartoon", "--work", str(tmp_path / "work"), "--out", str(out),
+            "--data", str(tmp_path / "pacs"), "--variants", "gmixout_p0.95:method.name=gmixout method.p=0.95"]
+    assert pacs.main(["--publish", *argv]) == 0
     report = json.loads((out / "pacs_efficientnet_lite0_sketch.json").read_text())
-    assert report["source"] == "sketch" and report["command"].startswith("python -m benchmarks.pacs --sources")
+    # the recorded command is the benchmark's own, quoted so that it can be pasted back into a shell
+    assert report["source"] == "sketch" and shlex.split(report["command"]) == ["python", "-m", "benchmarks.pacs", *argv]
     assert "--grid" in report["compare_command"] and (out / "pacs_efficientnet_lite0_sketch_runs.tgz").is_file()
     assert not (out / "pacs_efficientnet_lite0_cartoon.json").exists()  # nothing ran there yet
     headline = (out / "pacs_efficientnet_lite0_sketch.json").read_text()
