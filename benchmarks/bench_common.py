@@ -43,6 +43,11 @@ def git_head() -> str | None:
         return None
 
 
+def command_line(benchmark: str, argv: list[str]) -> str:
+    """How a benchmark was run, quoted so that it pastes back into a shell (row specs carry spaces)."""
+    return shlex.join(["python", "-m", f"benchmarks.{benchmark}", *argv])
+
+
 def provenance(benchmark: str, device: torch.device, argv: list[str] | None = None) -> dict[str, Any]:
     """The keys a result JSON starts with: what ran, where, when, at which commit, by which command.
 
@@ -50,7 +55,7 @@ def provenance(benchmark: str, device: torch.device, argv: list[str] | None = No
     args = sys.argv[1:] if argv is None else argv
     return {"benchmark": benchmark, "device": device_name(device),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(), "git_commit": git_head(),
-            "command": shlex.join(["python", "-m", f"benchmarks.{benchmark}", *args])}
+            "command": command_line(benchmark, args)}
 
 
 def next_free(path: Path) -> Path:

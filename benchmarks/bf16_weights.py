@@ -18,13 +18,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import statistics
 import sys
 from pathlib import Path
 from typing import Any
 
-from benchmarks.bench_common import RESULTS, ROOT, git_head, publish_compare, restore_runs, run_gmixout
+from benchmarks.bench_common import (
+    RESULTS,
+    ROOT,
+    command_line,
+    git_head,
+    publish_compare,
+    restore_runs,
+    run_gmixout,
+)
 from gmixout_cli.compare.report import at_selected
 from gmixout_cli.utils.io import write_json
 
@@ -88,8 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.dry_run and (args.work / "compare.json").is_file():
             publish_compare(args.work, stem, {"benchmark": "bf16_weights", "source": args.source,
                                               "backbone": args.backbone, "git_commit": commit,
-                                              "command": shlex.join(["python", "-m", "benchmarks.bf16_weights",
-                                                                   *sys.argv[1:]])}, cmd)
+                                              "command": command_line("bf16_weights", sys.argv[1:])}, cmd)
             report = json.loads(stem.with_suffix(".json").read_text())
             report["paired"] = paired(report)
             write_json(stem.with_suffix(".json"), report)

@@ -17,7 +17,6 @@ continues (finished runs are not trained again).
 from __future__ import annotations
 
 import argparse
-import shlex
 import sys
 from pathlib import Path
 
@@ -30,6 +29,7 @@ from benchmarks.bench_common import (
     ROOT,
     SPARSE_MASK_ROWS,
     STANDALONE_ROWS,
+    command_line,
     git_head,
     lever_families,
     publish_compare,
@@ -80,8 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.dry_run and (args.work / "compare.json").is_file():
             publish_compare(args.work, stem, {"benchmark": "corruptions", "data": "fmnist_c",
                                               "backbone": args.backbone, "git_commit": commit,
-                                              "command": shlex.join(["python", "-m", "benchmarks.corruptions",
-                                                                   *sys.argv[1:]])}, cmd)
+                                              "command": command_line("corruptions", sys.argv[1:])}, cmd)
             print(f"corruptions: wrote {stem}.json, .md, .png, _runs.tgz", flush=True)
     return 0
 

@@ -51,7 +51,6 @@ import inspect
 import json
 import multiprocessing
 import os
-import shlex
 import shutil
 import sys
 import time
@@ -62,7 +61,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from benchmarks.bench_common import ROOT, git_head
+from benchmarks.bench_common import ROOT, command_line, git_head
 
 SOURCE_DIR = Path("/usr/share/datasets/fashion-mnist")
 SOURCE_FILES = {
@@ -323,7 +322,7 @@ def build(args: argparse.Namespace, argv: list[str]) -> int:
         "images": sum(counts.values()), "build_seconds": round(seconds, 1), "workers": args.workers,
         "versions": library_versions(), "git_commit": git_head(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-        "command": shlex.join(["python", "-m", "benchmarks.fmnist_c", *argv]),
+        "command": command_line("fmnist_c", argv),
     }
     tmp = out / f".{MANIFEST}.tmp"
     tmp.write_text(json.dumps(manifest, indent=2) + "\n")

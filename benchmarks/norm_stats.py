@@ -13,11 +13,10 @@ benchmarks/results/norm_stats_quickstart.{json,md,png} with the commit and the c
 from __future__ import annotations
 
 import argparse
-import shlex
 import sys
 from pathlib import Path
 
-from benchmarks.bench_common import RESULTS, ROOT, git_head, publish_compare, run_gmixout
+from benchmarks.bench_common import RESULTS, ROOT, command_line, git_head, publish_compare, run_gmixout
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     run_gmixout(cmd)
     stem = args.out / "norm_stats_quickstart"
     publish_compare(args.work, stem, {"benchmark": "norm_stats", "git_commit": commit,
-                                      "command": shlex.join(["python", "-m", "benchmarks.norm_stats", *sys.argv[1:]])},
+                                      "command": command_line("norm_stats", sys.argv[1:])},
                     cmd)
     print(f"norm_stats: wrote {stem}.json, .md, .png", flush=True)
     return 0

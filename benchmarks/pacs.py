@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import statistics
 import sys
 from pathlib import Path
@@ -35,6 +34,7 @@ from benchmarks.bench_common import (
     ROOT,
     SPARSE_MASK_ROWS,
     STANDALONE_ROWS,
+    command_line,
     git_head,
     lever_families,
     publish_compare,
@@ -101,7 +101,7 @@ def publish(args: argparse.Namespace, source: str) -> None:
     argv = [a for a in args.argv if a != "--publish"]
     publish_compare(folder, stem, {"benchmark": "pacs", "source": source, "backbone": args.backbone,
                                    "git_commit": args.commit,
-                                   "command": shlex.join(["python", "-m", "benchmarks.pacs", *argv])},
+                                   "command": command_line("pacs", argv)},
                     command(args, source))
     print(f"pacs: wrote {stem}.json, .md, .png, _runs.tgz", flush=True)
 
@@ -204,7 +204,7 @@ def write_pooled(args: argparse.Namespace) -> None:
     write_json(stem.with_suffix(".json"), {"benchmark": "pacs_pooled", "backbone": args.backbone,
                                            "sources": sorted(reports), "git_commit": git_head(),
                                            "source_commits": {s: r.get("git_commit") for s, r in reports.items()},
-                                           "command": shlex.join(["python", "-m", "benchmarks.pacs", *args.argv]),
+                                           "command": command_line("pacs", args.argv),
                                            "rows": table, "one_se_first_seed": rule})
     over = f"mean over {len(reports)} source{'s' * (len(reports) > 1)} ({', '.join(sorted(reports))})"
     lines = [f"### PACS, {args.backbone}: {over}", "",
