@@ -79,7 +79,10 @@ def versions(modules: tuple[str, ...] = ("triton", "open_clip", "peft", "timm"))
 SMALL_RUN_FILES = ("results.json", "config.yaml", "wise.json", "metrics.jsonl")
 
 # Rows both robustness benchmarks add beside the built-in methods (`gmixout compare --variant LABEL:OVERRIDES`)
-BATCH_STATS_ROW = "full_update_bn:method.name=full method.norm_stats=update"  # BatchNorm statistics from the batches
+# Full fine-tuning from a zero head on every backbone, both BatchNorm modes: from a recipe's linear-probe head (the
+# MobileNetV2 recipe's) it would be LP-FT, another row, and spend the same runs twice
+FULL_ROW = "full:method.name=full model.head_init=zero"
+BATCH_STATS_ROW = "full_update_bn:method.name=full method.norm_stats=update model.head_init=zero"  # batch statistics
 FILTER_MASK_ROW = "gmixout_filter:method.name=gmixout method.mask=filter"  # whole output filters (HR-Mixout style)
 # the anchor's EMA either side of the default 0.5 (the range the paper's ablations call stable)
 ANCHOR_EMA_ROWS = ("gmixout_lam0.3:method.name=gmixout method.lam=0.3",

@@ -25,6 +25,7 @@ from benchmarks.bench_common import (
     ANCHOR_EMA_ROWS,
     BATCH_STATS_ROW,
     FILTER_MASK_ROW,
+    FULL_ROW,
     RESULTS,
     ROOT,
     SPARSE_MASK_ROWS,
@@ -37,8 +38,8 @@ from benchmarks.bench_common import (
     run_gmixout,
 )
 
-METHODS = "full,lp,lpft,lora,mixout,randmask,gmixout"
-VARIANTS = (BATCH_STATS_ROW, FILTER_MASK_ROW, *ANCHOR_EMA_ROWS, *SPARSE_MASK_ROWS, *STANDALONE_ROWS)
+METHODS = "lp,lpft,lora,mixout,randmask,gmixout"
+VARIANTS = (FULL_ROW, BATCH_STATS_ROW, FILTER_MASK_ROW, *ANCHOR_EMA_ROWS, *SPARSE_MASK_ROWS, *STANDALONE_ROWS)
 
 
 def command(args: argparse.Namespace) -> list[str]:

@@ -30,6 +30,7 @@ from benchmarks.bench_common import (
     ANCHOR_EMA_ROWS,
     BATCH_STATS_ROW,
     FILTER_MASK_ROW,
+    FULL_ROW,
     RESULTS,
     ROOT,
     SPARSE_MASK_ROWS,
@@ -46,8 +47,8 @@ from gmixout_cli.compare.report import at_selected, one_se, plot, wise_selected
 from gmixout_cli.utils.io import write_json, write_text
 
 SOURCES = ("art_painting", "cartoon", "photo", "sketch")
-METHODS = "full,lp,lpft,lora,mixout,randmask,gmixout"
-VARIANTS = (BATCH_STATS_ROW, FILTER_MASK_ROW, *SPARSE_MASK_ROWS, *STANDALONE_ROWS)
+METHODS = "lp,lpft,lora,mixout,randmask,gmixout"
+VARIANTS = (FULL_ROW, BATCH_STATS_ROW, FILTER_MASK_ROW, *SPARSE_MASK_ROWS, *STANDALONE_ROWS)
 # Three-point grids centred on what sketch's seed-0 grids chose at this budget, starting from the recipe-centred
 # grids (2026-12-03, commit 82c60a9): full, LP-FT, Mixout, RandMask, GMixout 3e-4; full with batch statistics
 # 1e-3; LoRA 3e-3; the probe's head lr 1e-2; filter masks 1e-4. That saves the runs each grid spent growing.

@@ -350,3 +350,17 @@ def test_stale_keys_ignore_machine_and_layout_settings_but_not_results() -> None
     assert stale_keys(saved, bf16) == ["method.weight_dtype"]  # ... but not at a value the run never had
     saved["train"]["lr"] = 1e-3
     assert stale_keys(saved, planned) == ["train.lr"]
+
+
+def test_two_rows_that_are_the_same_training_are_named_in_a_note(tmp_path: Path) -> None:
+    root = write_domains(tmp_path / "data", per_class=2)
+    shared = [f"data.root={root / 'src'}", "model.name=timm:test_efficientnet", "model.weights=random"]
+    # MobileNetV2's recipe starts every method from a probe: full fine-tuning is LP-FT there
+    plan = build_plan("gmixout_mobilenet_v2", shared, ["full", "lpft", "gmixout"], [], {}, [0], [], [0.0], 2)
+    same = [n for n in plan.notes if "same training" in n]
+    assert len(same) == 1 and "full and lpft" in same[0] and "linear_probe" in same[0]
+    assert "--variant 'full:method.name=full model.head_init=zero'" in same[0]
+    # from a zero head, full fine-tuning is its own training again
+    plan = build_plan("gmixout_mobilenet_v2", shared, ["lpft"], ["full:method.name=full model.head_init=zero"], {},
+                      [0], [], [0.0], 2)
+    assert not [n for n in plan.notes if "same training" in n]

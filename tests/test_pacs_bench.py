@@ -42,7 +42,10 @@ def test_each_source_is_one_compare_command_with_the_same_budget(tmp_path: Path)
     cmd = pacs.command(ns, "sketch")
     assert cmd[:3] == ["compare", "--data", str(tmp_path / "pacs" / "sketch")]
     assert "train.max_steps=600" in cmd and "data.image_size=96" in cmd and cmd[-1] == "--dry-run"
-    assert cmd.count("--variant") == len(pacs.VARIANTS) == 7 and "--wise" in cmd
+    assert cmd.count("--variant") == len(pacs.VARIANTS) == 8 and "--wise" in cmd
+    # full fine-tuning from a zero head in both BatchNorm modes, never LP-FT's probe head under another name
+    assert "full:method.name=full model.head_init=zero" in cmd and "full" not in cmd[cmd.index("--methods") + 1]
+    assert "full_update_bn:method.name=full method.norm_stats=update model.head_init=zero" in cmd
     # mask levels and sparsities chosen on held-out data
     assert cmd[cmd.index("--family") + 1] == "gmixout=gmixout,gmixout_filter,gmixout_p0.95,gmixout_p0.98"
     assert "gmixout_episodes300=1e-4,3e-4,1e-3" in cmd  # a standalone row: its own grid, outside the family

@@ -205,7 +205,39 @@ def build_plan(recipe: str | None, shared: list[str], methods: list[str], varian
             raise UserError(f"--grid {label}: learning rates must be in (0, 1), got {bad[0]}")
         plan.rows.append(Row(label, overrides, key, tuple(grid)))
         plan.config(plan.rows[-1], grid[0], seeds[0])  # every row's config is valid before anything runs
+    note_same_training(plan)
     return plan
+
+
+def training_identity(plan: Plan, row: Row) -> dict[str, Any]:
+    """What decides how a row trains, at a fixed rate: its resolved config with the method's name replaced by its
+    implementation and the head by the one it actually starts from (LP-FT and full fine-tuning share a class)."""
+    from gmixout_cli.methods.registry import method_model_config
+    from gmixout_cli.models import auto_head
+
+    cfg = plan.config(row, 1e-4, plan.seeds[0])
+    spec = method_spec(cfg.method.name)
+    head = method_model_config(cfg).head_init
+    flat = flatten_dict(config_to_dict(cfg))
+    flat.update({"method.name": f"{spec.method.__qualname__}/{spec.config.__qualname__}",
+                 "model.head_init": auto_head(cfg.model.name) if head == "auto" else head})
+    return flat
+
+
+def note_same_training(plan: Plan) -> None:
+    """A note for every two rows that are the same training under two names: they would spend their runs twice
+    and report the same numbers (full fine-tuning and LP-FT on a backbone whose recipe starts from a probe)."""
+    seen: dict[str, Row] = {}
+    for row in plan.rows:
+        flat = training_identity(plan, row)
+        identity = repr(sorted(flat.items()))
+        if identity in seen:
+            first, head = seen[identity], flat["model.head_init"]
+            plan.notes.append(f"rows {first.label} and {row.label} are the same training here (both from a {head} "
+                              f"head): expect the same numbers; to start {first.label} from another head, give it as "
+                              f"--variant '{first.label}:{' '.join(first.overrides)} model.head_init=zero'")
+        else:
+            seen[identity] = row
 
 
 def stale_keys(saved: dict[str, Any], planned: Config) -> list[str]:

@@ -2,10 +2,11 @@
 
 from gmixout_cli.models.common import BuiltModel
 from gmixout_cli.models.export import load_classifier, read_metadata, save_classifier
-from gmixout_cli.models.registry import build_model, list_models, resolve_targets
+from gmixout_cli.models.registry import auto_head, build_model, list_models, resolve_targets
 
 __all__ = [
     "BuiltModel",
+    "auto_head",
     "build_model",
     "list_models",
     "load_classifier",

@@ -6,7 +6,7 @@ import dataclasses
 from collections.abc import Callable
 from fnmatch import fnmatchcase
 
-from gmixout_cli.config.schema import ModelConfig
+from gmixout_cli.config.schema import HeadInit, ModelConfig
 from gmixout_cli.errors import UserError
 from gmixout_cli.models.common import BuiltModel, set_memory_format
 
@@ -68,8 +68,8 @@ def build_model(cfg: ModelConfig, class_names: list[str], seed: int = 0) -> Buil
     if not class_names:
         raise UserError("no classes found: the training domain needs at least one class folder")
     builder, is_clip = _lookup(cfg.name)
-    if cfg.head_init == "auto":  # CLIP has a zero-shot head from its text tower; other backbones a linear probe
-        cfg = dataclasses.replace(cfg, head_init="zeroshot" if is_clip else "linear_probe")
+    if cfg.head_init == "auto":
+        cfg = dataclasses.replace(cfg, head_init=auto_head(cfg.name))
     if cfg.head_init == "zeroshot" and not is_clip:
         raise UserError(
             f"model.head_init=zeroshot needs a CLIP model (vit_b16_clip, vit_l14_clip, open_clip:<arch>:<tag>), "
@@ -78,6 +78,12 @@ def build_model(cfg: ModelConfig, class_names: list[str], seed: int = 0) -> Buil
     built = builder(cfg, list(class_names), seed)
     set_memory_format(built, cfg.memory_format)
     return built
+
+
+def auto_head(name: str) -> HeadInit:
+    """The head `model.head_init=auto` starts model `name` from: CLIP's zero-shot head from its text tower, a
+    linear probe on frozen features for every other backbone."""
+    return "zeroshot" if _lookup(name)[1] else "linear_probe"
 
 
 def _lookup(name: str) -> tuple[Builder, bool]:
