@@ -78,7 +78,7 @@ def command(args: argparse.Namespace, source: str) -> list[str]:
     cmd = ["compare", "--data", str(args.data / source), "--recipe", f"gmixout_{args.backbone}",
            "--methods", args.methods, "--seeds", args.seeds, "--wise", "lpft,gmixout", "--out", str(out),
            f"data.image_size={args.image_size}", f"train.max_steps={args.steps}", "train.epochs=1000",
-           f"data.num_workers={args.workers}"]
+           f"data.num_workers={args.workers}", *args.shared]
     for v in args.variants:
         cmd += ["--variant", v]
     rows = {*args.methods.split(","), *(row_label(v) for v in args.variants)}
@@ -244,6 +244,9 @@ def main(argv: list[str] | None = None) -> int:
                          "norms trained) in its family, chosen on held-out data; finished runs are reused: this adds "
                          "their seed-0 grids. Reports go to pacs_<backbone>_<source>_levers.* and the pooled one to "
                          "pacs_<backbone>_levers_pooled.*, beside the headline's")
+    ap.add_argument("--set", dest="shared", action="append", default=[], metavar="KEY=VALUE",
+                    help="a setting for every row, e.g. model.head_init=zero: every fine-tuning row from a zero head "
+                         "(the linear probe and LP-FT keep their probe start)")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--steps", type=int, default=600, help="optimizer steps per run (GMixout: 30 episodes)")
     ap.add_argument("--image-size", type=int, default=96)

@@ -34,7 +34,7 @@ def _args(tmp_path: Path, variants: list[str], grids: list[str], dry_run: bool) 
     """benchmarks.pacs's parsed arguments at the benchmark's budget."""
     return argparse.Namespace(work=tmp_path / "w", backbone="efficientnet_lite0", data=tmp_path / "pacs",
                               methods=pacs.METHODS, seeds="0,1,2", image_size=96, steps=600, workers=2,
-                              variants=variants, grids=grids, dry_run=dry_run, levers=False)
+                              variants=variants, grids=grids, dry_run=dry_run, levers=False, shared=[])
 
 
 def test_each_source_is_one_compare_command_with_the_same_budget(tmp_path: Path) -> None:
@@ -267,3 +267,18 @@ def test_the_zero_head_joins_gmixouts_family_with_its_grid_on_a_probe_recipe(tmp
     cmd = pacs.command(ns, "sketch")
     assert cmd[cmd.index("--family") + 1] == "gmixout=gmixout,gmixout_zero_head"
     assert "gmixout_zero_head=1e-4,3e-4,1e-3" in cmd and "model.head_init=zero" in " ".join(cmd)
+
+
+def test_a_shared_setting_reaches_every_row_but_the_probe_starts(tmp_path: Path) -> None:
+    from gmixout_cli.compare import build_plan
+
+    ns = _args(tmp_path, [], list(pacs.GRIDS), dry_run=True)
+    ns.shared = ["model.head_init=zero"]
+    cmd = pacs.command(ns, "sketch")
+    assert cmd[cmd.index("data.num_workers=2") + 1] == "model.head_init=zero"
+    root = write_domains(tmp_path / "data", per_class=2)
+    shared = [f"data.root={root / 'src'}", "model.name=timm:test_efficientnet", "model.weights=random",
+              "model.head_init=zero"]
+    plan = build_plan("gmixout_mobilenet_v2", shared, ["lp", "lpft", "gmixout"], [], {}, [0], [], [0.0], 2)
+    heads = {r.label: plan.config(r, 1e-4, 0).model.head_init for r in plan.rows}
+    assert heads == {"lp": "auto", "lpft": "auto", "gmixout": "zero"}  # auto: the probe for both
