@@ -98,9 +98,6 @@ EPISODES300_ROW = "gmixout_episodes300:method.name=gmixout method.episodes=300"
 # held-out data while the probe's L2 was fixed and weak; with the L2 now chosen on held-out data it is re-tested,
 # standing alone like the row above.
 LP_HEAD_ROW = "gmixout_lp_head:method.name=gmixout model.head_init=linear_probe"
-# Its mirror on a recipe that starts from the probe (MobileNetV2's): the zero head as a member of GMixout's family,
-# chosen against the probe start on held-out data at the first seed (on Lite0 it would be the default row twice)
-ZERO_HEAD_ROW = "gmixout_zero_head:method.name=gmixout model.head_init=zero"
 # GMixout's mask sparsity, the paper's third robustness lever beside the anchor and the episode length: 5% and 2%
 # of each weight train per episode (s = 20 and 50). Both are in GMixout's family, so each benchmark's held-out split
 # chooses among the mask levels and sparsities (p 0.95 first ran as a standalone row, every seed, before joining).

@@ -58,7 +58,7 @@ GRIDS = ("full=1e-4,3e-4,1e-3", "lp=3e-3,1e-2,3e-2", "lpft=1e-4,3e-4,1e-3", "lor
          "full_update_bn=3e-4,1e-3,3e-3", "gmixout_filter=3e-5,1e-4,3e-4", "gmixout_episodes300=1e-4,3e-4,1e-3",
          "gmixout_lp_head=1e-4,3e-4,1e-3", "gmixout_p0.95=1e-4,3e-4,1e-3",
          "gmixout_p0.98=3e-5,1e-4,3e-4",  # s = 50: each kept entry moves 2.5 times further than at p 0.95
-         "gmixout_p0.95_lam0.3=1e-4,3e-4,1e-3", "gmixout_zero_head=1e-4,3e-4,1e-3")
+         "gmixout_p0.95_lam0.3=1e-4,3e-4,1e-3")
 
 # GMixout's episode levers (`--levers`), added to its family and chosen with the mask level on held-out data at
 # the first seed: the anchor EMA over the paper's stable range, AdamW moments kept across episodes (a fresh

@@ -54,8 +54,7 @@ def test_each_source_is_one_compare_command_with_the_same_budget(tmp_path: Path)
     assert "gmixout_p0.98=3e-5,1e-4,3e-4" in cmd  # a step lower: s = 50 moves each kept entry further
     # two levers together, picked on targets: a standalone row, outside the family
     assert "gmixout_p0.95_lam0.3=1e-4,3e-4,1e-3" in cmd and "method.p=0.95 method.lam=0.3" in " ".join(cmd)
-    # every row's grid, three points each (the zero-head row, for probe-head recipes, is not a default row)
-    assert cmd.count("--grid") == len(pacs.GRIDS) - 1 and "gmixout_zero_head=1e-4,3e-4,1e-3" not in cmd
+    assert cmd.count("--grid") == len(pacs.GRIDS)  # every row's grid, three points each
     ns.variants = []
     cmd = pacs.command(ns, "sketch")
     assert "--family" not in cmd and "gmixout_filter=3e-5,1e-4,3e-4" not in cmd  # no grid for an absent row
@@ -71,7 +70,7 @@ def test_levers_join_gmixouts_family_with_valid_fields_and_their_own_grids(tmp_p
                        "gmixout_lam0.7", "gmixout_keep_moments", "gmixout_episodes10", "gmixout_episodes100",
                        "gmixout_bias_norm"]
     assert "gmixout_keep_moments=1e-4,3e-4,1e-3" in cmd
-    assert cmd.count("--grid") == len(pacs.GRIDS) - 1 + len(pacs.LEVERS)
+    assert cmd.count("--grid") == len(pacs.GRIDS) + len(pacs.LEVERS)
     for variant in pacs.LEVERS:  # every lever is a field GMixout reads, with a value it accepts
         cfg = build_config(parse_overrides(variant.partition(":")[2].split()))
         assert not cfg.method.problems()
@@ -258,15 +257,6 @@ def test_the_commit_is_dirty_for_changed_code_but_not_for_the_benchmarks_own_rep
     (tmp_path / "code.py").write_text("x = 2\n")
     assert bench_common.git_head() == head + "-dirty"
 
-
-
-def test_the_zero_head_joins_gmixouts_family_with_its_grid_on_a_probe_recipe(tmp_path: Path) -> None:
-    from benchmarks.bench_common import ZERO_HEAD_ROW
-
-    ns = _args(tmp_path, [ZERO_HEAD_ROW], list(pacs.GRIDS), dry_run=True)
-    cmd = pacs.command(ns, "sketch")
-    assert cmd[cmd.index("--family") + 1] == "gmixout=gmixout,gmixout_zero_head"
-    assert "gmixout_zero_head=1e-4,3e-4,1e-3" in cmd and "model.head_init=zero" in " ".join(cmd)
 
 
 def test_a_shared_setting_reaches_every_row_but_the_probe_starts(tmp_path: Path) -> None:
