@@ -258,7 +258,6 @@ def test_the_commit_is_dirty_for_changed_code_but_not_for_the_benchmarks_own_rep
     assert bench_common.git_head() == head + "-dirty"
 
 
-
 def test_a_shared_setting_reaches_every_row_but_the_probe_starts(tmp_path: Path) -> None:
     from gmixout_cli.compare import build_plan
 
