@@ -16,7 +16,7 @@ from typing import Any
 
 from gmixout_cli.config import Config, build_config, config_to_dict, flatten_dict, load_config, parse_overrides
 from gmixout_cli.errors import UserError
-from gmixout_cli.methods.registry import method_names, method_spec
+from gmixout_cli.methods.registry import method_model_config, method_names, method_spec
 from gmixout_cli.training.checkpoint import RESUME_SETTABLE
 
 # Keys that make the budget or the data: set once for the whole comparison, never per row.
@@ -212,7 +212,6 @@ def build_plan(recipe: str | None, shared: list[str], methods: list[str], varian
 def training_identity(plan: Plan, row: Row) -> dict[str, Any]:
     """What decides how a row trains, at a fixed rate: its resolved config with the method's name replaced by its
     implementation and the head by the one it actually starts from (LP-FT and full fine-tuning share a class)."""
-    from gmixout_cli.methods.registry import method_model_config
     from gmixout_cli.models import auto_head
 
     cfg = plan.config(row, 1e-4, plan.seeds[0])
@@ -233,9 +232,12 @@ def note_same_training(plan: Plan) -> None:
         identity = repr(sorted(flat.items()))
         if identity in seen:
             first, head = seen[identity], flat["model.head_init"]
+            # the hint names a row free to change its head (LP-FT's start is its definition)
+            free = next((r for r in (first, row) if not method_spec(r.method).head_init), None)
+            hint = (f"; to start {free.label} from another head, give it as --variant "
+                    f"'{free.label}:{' '.join(free.overrides)} model.head_init=zero'") if free else ""
             plan.notes.append(f"rows {first.label} and {row.label} are the same training here (both from a {head} "
-                              f"head): expect the same numbers; to start {first.label} from another head, give it as "
-                              f"--variant '{first.label}:{' '.join(first.overrides)} model.head_init=zero'")
+                              f"head): expect the same numbers{hint}")
         else:
             seen[identity] = row
 
