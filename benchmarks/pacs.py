@@ -14,7 +14,7 @@ each on every source), learning rates chosen on the source's official crossval l
 Its compare.{json,md,png} are copied to benchmarks/results/pacs_<backbone>_<source>.* with the commit
 and the command. Runs live under --work and are reused, so a cut-off source continues where it stopped.
 The pooled report averages, per row and seed, the 12 source -> target accuracies (and the 4 held-out
-in-domain ones), then gives mean ± std over seeds.
+in-domain ones), then gives mean ± std over seeds; a source whose comparison has not finished is left out.
 """
 
 from __future__ import annotations
@@ -192,6 +192,11 @@ def pooled_curves(reports: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     return [{"label": label, "seed": seed, "curve": c} for (label, seed), c in curves.items()]
 
 
+def finished(report: dict[str, Any]) -> bool:
+    """Whether a source's comparison ran its whole plan (reports from before the flag: no partial title)."""
+    return report.get("complete", "(partial:" not in report.get("title", ""))
+
+
 def write_pooled(args: argparse.Namespace) -> None:
     reports = {s: json.loads(p.read_text()) for s in SOURCES
                if (p := source_stem(args, s).with_suffix(".json")).is_file()}
@@ -200,6 +205,12 @@ def write_pooled(args: argparse.Namespace) -> None:
     if stale := [s for s, r in reports.items() if "selected" not in r]:
         raise SystemExit(f"pacs: pacs_{args.backbone}_{{{','.join(stale)}}}.json are not `gmixout compare` reports: "
                          "move them aside (earlier harnesses' files are named pacs_earlier_*)")
+    if partial := [s for s, r in reports.items() if not finished(r)]:  # a stopped source is not pooled yet
+        print(f"pacs: {', '.join(partial)} not finished: left out of the pooled report", flush=True)
+        reports = {s: r for s, r in reports.items() if s not in partial}
+        if not reports:
+            print("pacs: no finished source: no pooled report", flush=True)
+            return
     table, rule = pooled(reports), pooled_one_se(reports)
     stem = args.out / f"pacs_{args.backbone}{'_levers' if args.levers else ''}_pooled"
     write_json(stem.with_suffix(".json"), {"benchmark": "pacs_pooled", "backbone": args.backbone,

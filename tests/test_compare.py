@@ -156,6 +156,7 @@ def test_compare_end_to_end_resumes_and_refuses_another_budget(cli, tmp_path: Pa
     assert code == 0, err
     report = json.loads((out / "compare.json").read_text())
     assert set(report["summary"]) == {"full", "gmixout", "wise-ft (gmixout)"}
+    assert report["complete"] is True  # the whole plan ran (a report written on the way says False)
     for label in ("full", "gmixout"):
         grid = report["grids"][label]
         assert 2 <= len(grid) <= 3 and report["selected"][label] in grid

@@ -121,7 +121,8 @@ def test_pooled_wise_ft_rows_take_each_seeds_held_out_alpha(tmp_path: Path) -> N
         pacs.main(["--report", "--out", str(tmp_path)])
 
 
-def test_pooled_family_counts_each_sources_chosen_member_and_drops_diverged_seeds(tmp_path: Path) -> None:
+def test_pooled_family_counts_each_sources_chosen_member_and_drops_diverged_seeds(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     def run(label: str, seed: int, ood: float, diverged: bool = False) -> dict:
         if diverged:
             return {"label": label, "value": 1e-4, "seed": seed, "diverged": "nan loss", "id": {}, "ood": {}}
@@ -164,6 +165,21 @@ def test_pooled_family_counts_each_sources_chosen_member_and_drops_diverged_seed
     assert pacs.main(["--report", "--levers", "--out", str(tmp_path)]) == 0  # the levers' reports, pooled apart
     levers = json.loads((tmp_path / "pacs_efficientnet_lite0_levers_pooled.json").read_text())
     assert levers["sources"] == ["sketch"] and levers["rows"]["gmixout"]["ood_mean"] == pytest.approx(80.0)
+
+    # a stopped source (its comparison published what it had) stays out of the pooled table until it finishes
+    for name, partial in (("photo", {**reports["sketch"], "complete": False}),
+                          ("art_painting", {**reports["sketch"], "title": "art_painting: 3 seeds (partial: 1 of 3 "
+                                                                          "seeds so far)"})):
+        (tmp_path / f"pacs_efficientnet_lite0_{name}.json").write_text(json.dumps(partial))
+    assert pacs.main(["--report", "--out", str(tmp_path)]) == 0
+    assert "art_painting, photo not finished" in capsys.readouterr().out
+    pooled = json.loads((tmp_path / "pacs_efficientnet_lite0_pooled.json").read_text())
+    assert pooled["sources"] == ["cartoon", "sketch"]
+    for source in ("sketch", "cartoon"):
+        (tmp_path / f"pacs_efficientnet_lite0_{source}.json").unlink()
+    (tmp_path / "pacs_efficientnet_lite0_pooled.json").unlink()
+    assert pacs.main(["--report", "--out", str(tmp_path)]) == 0  # nothing finished: no pooled report at all
+    assert not (tmp_path / "pacs_efficientnet_lite0_pooled.json").exists()
 
 
 @pytest.mark.slow

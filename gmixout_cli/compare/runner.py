@@ -53,6 +53,7 @@ class Comparison:
         self.wise: dict[tuple[str, int], list[dict[str, Any]]] = {}
         self._eval_data: tuple[Any, Any] | None = None
         self.progress = PlanProgress(console, self.steps)
+        self.complete = False  # every planned run finished: a report written before that is partial
 
     def todo(self) -> list[tuple[Row, RunKey]]:
         """Every run the plan names now (grids as extended so far), in execution order."""
@@ -105,6 +106,7 @@ class Comparison:
                     self.train(row, RunKey(row.label, self.selected[row.label], seed))
                     if self.plan.gets_wise(row.label):
                         self.wise_curve(row, seed)
+        self.complete = True
         state = self.state()
         self.report(state)
         return state
@@ -258,4 +260,5 @@ class Comparison:
                      for (label, seed), curve in sorted(self.wise.items())],
             "elapsed_s": self.progress.elapsed(),
             "device": str(resolve_device("auto")),
+            "complete": self.complete,
         }
