@@ -22,11 +22,11 @@ DEVICE = os.environ.get("GMIXOUT_TEST_DEVICE", "cpu")
 ARGS = [*TINY_ARGS, f"train.device={DEVICE}"]
 
 
-def torchrun(*args: str, cwd: Path) -> subprocess.Popen:
+def torchrun(*args: str, cwd: Path, entry: tuple[str, ...] = ("-m", "gmixout_cli")) -> subprocess.Popen:
     """`torchrun --standalone --nproc_per_node 2 -m gmixout_cli ...`."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
     return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                             "-m", "gmixout_cli", *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
+                             *entry, *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
 
 
@@ -78,6 +78,46 @@ def test_two_ranks_give_the_weights_of_one_process_with_the_same_global_batch(
         assert 0 < sent < 0.2 * dense
     elif method == "full":
         assert sent > 0.5 * dense
+
+
+# rank 1 signals itself right after the all-reduce that decided its third step not to stop: the one moment where
+# the ranks' own flags disagree about that step (a scheduler's signals reach the ranks at slightly different times)
+LATE_SIGNAL = """
+import os, signal
+from gmixout_cli.cli.app import main
+from gmixout_cli.training import distributed
+
+agree, calls = distributed.Dist.agree, []
+
+def late(self, loss, stop):
+    out = agree(self, loss, stop)
+    calls.append(out)
+    if self.rank == 1 and len(calls) == 3:
+        os.kill(os.getpid(), signal.SIGTERM)
+    return out
+
+distributed.Dist.agree = late
+main()
+"""
+
+
+@pytest.mark.slow
+def test_a_signal_to_one_rank_after_the_steps_all_reduce_stops_every_rank_after_the_next_step(
+        tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+    monkeypatch.chdir(tmp_path)
+    write_domains(tmp_path / "data")
+    (tmp_path / "late_signal.py").write_text(LATE_SIGNAL)
+    args = ["-d", "data/src", *ARGS, "train.epochs=40", "method.name=full", "--out", "late"]
+    out, _ = torchrun("finetune", *args, cwd=tmp_path, entry=("late_signal.py",)).communicate(timeout=300)
+    said = [line for line in out.splitlines() if line.startswith("stopped by")]
+    # before, rank 1 left after step 3 while rank 0 went on to step 4 and died in its all-reduce, with a traceback
+    assert len(said) == 1 and "a stop signal to another process at step 4;" in said[0], out
+    assert "]: Traceback" not in out, out  # no rank's own (torchrun reports its failed children with one)
+    from gmixout_cli.training.checkpoint import read_checkpoint_meta
+
+    assert read_checkpoint_meta(tmp_path / "late" / "checkpoint.safetensors")["step"] == 4
+    out = finished(torchrun("finetune", "--resume", "late", cwd=tmp_path))
+    assert "resumed" in out and (tmp_path / "late" / "results.json").is_file()
 
 
 @pytest.mark.slow

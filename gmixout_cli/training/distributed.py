@@ -69,11 +69,15 @@ class Dist:
 
     def any(self, flag: bool) -> bool:
         """Whether `flag` holds on any rank (one small all-reduce; the flag itself in one process)."""
+        return self.max(int(flag)) > 0
+
+    def max(self, value: int) -> int:
+        """The largest of the ranks' `value`s (one small all-reduce; the value itself in one process)."""
         if not self.enabled:
-            return flag
-        t = torch.tensor([float(flag)])
+            return value
+        t = torch.tensor([float(value)])
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t[0] > 0)
+        return int(t[0])
 
     def barrier(self) -> None:
         """Wait for every rank (e.g. for rank 0's checkpoint before a rank exits and the launcher ends the rest)."""

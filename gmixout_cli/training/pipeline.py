@@ -181,7 +181,13 @@ def train(cfg: Config, run_dir: Path, console: Console, run: Prepared, stop: Sto
         with stop.deferred():
             return save_checkpoint(run_dir, trainer, progress, cfg)
 
-    def stopped(path: Path) -> Interrupted:
+    def stop_every_rank(saved: Path | None = None) -> Interrupted:
+        """Every rank stops after the same step: rank 0 writes its checkpoint (unless `saved` already holds it)
+        while the others wait (one that exits first makes the launcher end the rest, rank 0 mid-write too)."""
+        if not stop.requested:
+            stop.requested, stop.signum = "a stop signal to another process", signal.SIGTERM
+        path = saved or checkpoint()
+        dist.barrier()
         return Interrupted(f"stopped by {stop.requested} at step {trainer.step}; checkpoint {path}; resume with "
                            f"`{dist.launch} --resume {run_dir}`", stop.exit_code)
 
@@ -191,13 +197,17 @@ def train(cfg: Config, run_dir: Path, console: Console, run: Prepared, stop: Sto
             while trainer.step < run.total_steps:
                 run.sampler.set_epoch(progress["epoch"], progress["batch"])
                 for batch in _batches(run.loader, stop):
+                    # every rank learns before the step whether one has no batch for it: the last step is whole
                     lost = batch if isinstance(batch, WorkerLost) else None
-                    if dist.any(lost is not None):  # every rank stops before this step: the last one is whole
+                    ended = dist.max(_LOST if lost else _STOPPED if batch is _LOADER_STOPPED else 0)
+                    if ended == _LOST:
                         raise lost or WorkerLost("a data loader worker of another rank")
+                    if ended == _STOPPED:
+                        raise stop_every_rank()
                     x, y = batch
-                    loss, stop_any = dist.agree(trainer.train_step(x, y), bool(stop.requested))
-                    if stop_any and not stop.requested:  # every rank stops after the same step
-                        stop.requested, stop.signum = "a stop signal to another process", signal.SIGTERM
+                    # the agreed flag alone decides: a signal that arrives after this all-reduce on one rank only
+                    # is carried by the next step's, so that no rank leaves while the others wait for it
+                    loss, stopping = dist.agree(trainer.train_step(x, y), bool(stop.requested))
                     progress["batch"] += 1
                     if not math.isfinite(loss):
                         raise Diverged(f"loss became {loss} at step {trainer.step}: lower train.lr or use "
@@ -209,14 +219,14 @@ def train(cfg: Config, run_dir: Path, console: Console, run: Prepared, stop: Sto
                         on_step(trainer.step, run.total_steps)
                     if progress["batch"] == len(run.sampler):
                         progress.update(epoch=progress["epoch"] + 1, batch=0)
-                    if stop.requested or (t.checkpoint_every and trainer.step % t.checkpoint_every == 0):
-                        path = checkpoint()
-                        if stop.requested:
-                            raise stopped(path)
+                    saved = checkpoint() if t.checkpoint_every and trainer.step % t.checkpoint_every == 0 else None
+                    if stopping or (stop.requested and not dist.enabled):  # one process: its own flag, at once
+                        raise stop_every_rank(saved)
                     if trainer.step >= run.total_steps:
                         break
-                if stop.requested:  # a loader worker died of the same signal: the last step is complete
-                    raise stopped(checkpoint())
+                # every rank ends the epoch together; a signal since the last step stops them all here
+                if dist.any(bool(stop.requested)):
+                    raise stop_every_rank()
         except WorkerLost as lost:  # between steps: the last one is whole
             path = checkpoint()
             dist.barrier()  # a rank that exits first makes the launcher end the others, rank 0 mid-write too
@@ -247,10 +257,15 @@ class WorkerLost(Exception):
     """A loader worker exited while the main process did not ask it to (the message names it)."""
 
 
+_LOADER_STOPPED = object()
+"""In the place of a batch: the loader ended because the stop signal reached its workers too."""
+_STOPPED, _LOST = 1, 2  # what a rank has instead of a batch; the larger wins on every rank
+
+
 def _batches(loader: DataLoader, stop: StopFlag) -> Iterator[Any]:
-    """The loader's batches; ends between steps when a loader worker is gone: at the end of a stop signal that
-    reached it too, or with a WorkerLost in the place of the next batch when it alone was killed (out of
-    memory, a stray kill), so that every rank can learn of it before the step."""
+    """The loader's batches; when a loader worker is gone, one last item in the place of the next batch, so that
+    every rank can learn of it before the step: _LOADER_STOPPED where the stop signal reached the worker too, a
+    WorkerLost where it alone was killed (out of memory, a stray kill)."""
     try:
         # persistent workers: each epoch's first call waits for every worker; the very first installs torch's
         # SIGCHLD handler, which the block below sets aside
@@ -261,6 +276,7 @@ def _batches(loader: DataLoader, stop: StopFlag) -> Iterator[Any]:
         if not is_worker_loss(exc):
             raise
         if stop.requested:  # a worker the signal reached before it could ignore it
+            yield _LOADER_STOPPED
             return
         pids = re.search(r"\(pids?(?:\(s\))? ([^)]*)\)", str(exc))
         yield WorkerLost(f"a data loader worker (pid {pids.group(1) if pids else '?'})")
