@@ -9,7 +9,9 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 # Tests read local files only; the hub library reads this at import, so a download fails at once, not after retries.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import subprocess  # noqa: E402
 from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
@@ -88,6 +90,44 @@ def finetune_command(*args: str) -> list[str]:
     import sys
 
     return [sys.executable, "-m", "gmixout_cli", "finetune", *args]
+
+
+# `gmixout finetune` that stops itself (SIGSTOP) right after it logged step AT: a test then signals it at a
+# known step, however fast the machine, and continues it with SIGCONT
+_PAUSED = """
+import os, signal
+from gmixout_cli.cli.app import main
+from gmixout_cli.training.steplog import StepLogger
+
+logged = StepLogger.step
+
+def step(self, n, *args, **kwargs):
+    logged(self, n, *args, **kwargs)
+    if n == {at}:
+        os.kill(os.getpid(), signal.SIGSTOP)
+
+StepLogger.step = step
+main()
+"""
+
+
+def finetune_paused_at(at: int, *args: str) -> list[str]:
+    """`finetune_command(*args)` that holds itself stopped after step `at`; see `wait_stopped`."""
+    import sys
+
+    return [sys.executable, "-c", _PAUSED.format(at=at), "finetune", *args]
+
+
+def wait_stopped(proc: subprocess.Popen[Any], timeout: float = 240) -> None:
+    """Wait until `proc` holds itself stopped (Linux /proc); fail if it exits or the timeout passes first."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        if Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "T":
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"the run never reached its pause (exit code {proc.poll()})")
 
 
 def subprocess_env() -> dict[str, str]:

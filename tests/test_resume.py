@@ -6,7 +6,6 @@ import json
 import random
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -14,8 +13,9 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import finetune_command as _cmd
+from conftest import finetune_paused_at as paused_at
 from conftest import subprocess_env as _env
-from conftest import write_domains
+from conftest import wait_stopped, write_domains
 
 pytestmark = pytest.mark.slow  # each test trains in subprocesses
 
@@ -38,17 +38,12 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path: Path, method: str) -> No
 
     killed = tmp_path / "killed"
     kill_after = random.Random(method).randint(2, total - 2)
-    proc = subprocess.Popen(_cmd(*args, "--out", str(killed)), env=_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    metrics = killed / "metrics.jsonl"
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
-        if metrics.exists() and len(metrics.read_text().splitlines()) >= kill_after:
-            proc.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.05)
+    proc = subprocess.Popen(paused_at(kill_after, *args, "--out", str(killed)), env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_stopped(proc)  # held right after step kill_after: a fast machine cannot finish the run before the kill
+    proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=60)
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    assert proc.returncode == -signal.SIGKILL
     assert not (killed / "model.safetensors").exists()
     # a resume may change how the run is carried out (no loader workers, checkpoints every 2 steps), not what
     # it computes (train.lr is reported and left as it was)
@@ -78,14 +73,11 @@ def test_sigterm_writes_a_checkpoint_then_resume_finishes(tmp_path: Path) -> Non
     data = write_domains(tmp_path / "data") / "src"
     run = tmp_path / "run"
     args = ["--data", str(data), *ARGS, "train.checkpoint_every=100", "--out", str(run)]  # no periodic checkpoint
-    proc = subprocess.Popen(_cmd(*args), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    metrics = run / "metrics.jsonl"
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
-        if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
-            proc.send_signal(signal.SIGTERM)
-            break
-        time.sleep(0.05)
+    proc = subprocess.Popen(paused_at(3, *args), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    wait_stopped(proc)
+    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signal.SIGCONT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, err  # the shell's convention: 143
     assert "stopped by SIGTERM" in err and "--resume" in err and "Traceback" not in err

@@ -17,8 +17,9 @@ import pytest
 import torch
 from safetensors.torch import load, load_file
 
-from conftest import children, write_domains
+from conftest import children, wait_stopped, write_domains
 from conftest import finetune_command as _cmd
+from conftest import finetune_paused_at as paused_at
 from conftest import subprocess_env as _env
 from gmixout_cli.training.checkpoint import CHECKPOINT, read_checkpoint_meta
 
@@ -51,15 +52,11 @@ def test_stop_signal_checkpoints_the_step_and_resumes_bit_identically(
     run = tmp_path / "run"
     at = random.Random(f"{sig.name}-{delivery}").randint(2, total - 3)
     # a session of its own, as a job under a scheduler: killpg reaches the loader workers as well
-    proc = subprocess.Popen(_cmd("--data", str(data), *ARGS, "--out", str(run)), env=_env(),
+    proc = subprocess.Popen(paused_at(at, "--data", str(data), *ARGS, "--out", str(run)), env=_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    metrics = run / "metrics.jsonl"
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
-        if metrics.exists() and len(metrics.read_text().splitlines()) >= at:
-            os.killpg(proc.pid, sig) if delivery == "group" else proc.send_signal(sig)
-            break
-        time.sleep(0.02)
+    wait_stopped(proc)  # held after step `at`; the signal waits for the SIGCONT, as one sent mid-step would
+    os.killpg(proc.pid, sig) if delivery == "group" else proc.send_signal(sig)
+    proc.send_signal(signal.SIGCONT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + sig, err
     lines = err.strip().splitlines()
@@ -108,17 +105,14 @@ def test_a_killed_loader_worker_checkpoints_the_last_step_and_resumes_bit_identi
     # the first half: each worker still owes many batches (it prefetches two ahead; one killed after its last
     # batch of the run is never missed)
     at = random.Random(f"worker-{sig.name}").randint(2, total // 2)
-    proc = subprocess.Popen(_cmd("--data", str(data), *ARGS, "--out", str(run)), env=_env(),
+    proc = subprocess.Popen(paused_at(at, "--data", str(data), *ARGS, "--out", str(run)), env=_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    metrics, killed = run / "metrics.jsonl", 0
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None and not killed:
-        if metrics.exists() and len(metrics.read_text().splitlines()) >= at:
-            workers = children(proc.pid)  # its DataLoader workers
-            if workers:
-                killed = workers[0]
-                os.kill(killed, sig)
-        time.sleep(0.02)
+    wait_stopped(proc)
+    workers = children(proc.pid)  # its DataLoader workers
+    killed = workers[0] if workers else 0
+    if killed:
+        os.kill(killed, sig)
+    proc.send_signal(signal.SIGCONT)
     _, err = proc.communicate(timeout=120)
     assert killed and proc.returncode == 2, f"{at} of {total} steps: {err}"
     lines = err.strip().splitlines()
